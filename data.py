@@ -1,0 +1,394 @@
+"""The shapes world: a procedurally generated text<->image dataset that needs no download.
+
+Pictures of flat coloured shapes on white, with captions in a tiny canonical grammar, and a
+rule-based judge that says exactly whether a picture (or a caption) matches a prompt.
+The full specification is shapes-world.md; this file implements it top to bottom:
+vocabulary -> specs and captions -> sampling -> rendering -> judging.
+"""
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------- vocabulary
+
+COLORS = {
+    "red": (220, 40, 40),
+    "orange": (245, 140, 30),
+    "yellow": (230, 200, 30),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 220),
+    "purple": (150, 60, 200),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+SIZES = ("small", "large")
+RELATIONS = ("to the left of", "to the right of", "above", "below")
+HELD_OUT = frozenset({("green", "triangle"), ("purple", "circle"), ("orange", "square"), ("blue", "diamond")})
+FAMILIES = ("single", "relation", "count")
+
+SIZE_FRACTION = {"small": 0.09, "large": 0.16}  # radius r as a fraction of the image size
+# Each relation as (axis, sign) of centre(A) - centre(B), with x = axis 0 and y = axis 1 growing downwards.
+RELATION_AXIS = {"to the left of": (0, -1), "to the right of": (0, 1), "above": (1, -1), "below": (1, 1)}
+COUNT_WORDS = {2: "two", 3: "three"}
+MAX_OBJECTS = 3
+
+# Every (colour, shape) pair in a fixed order. Never iterate HELD_OUT itself: a frozenset's
+# order depends on the per-process string hash seed, which would break determinism.
+ALL_PAIRS = tuple((c, s) for c in COLORS for s in SHAPES)
+SEEN_PAIRS = tuple(p for p in ALL_PAIRS if p not in HELD_OUT)
+HELD_OUT_PAIRS = tuple(p for p in ALL_PAIRS if p in HELD_OUT)
+COLOR_NAMES = tuple(COLORS)
+
+
+def inside_shape(shape, dx, dy, r):
+    """Which points (offset dx, dy from the box centre, y down) lie in `shape` drawn in a box of
+    half-side r. Used both to render (pixels, integer r) and to judge (templates in a unit box)."""
+    if shape == "circle":
+        return dx ** 2 + dy ** 2 <= r ** 2                 # disc of radius r
+    if shape == "square":
+        return (dx.abs() < r) & (dy.abs() < r)              # the whole box
+    if shape == "triangle":
+        return (dy.abs() < r) & (2 * dx.abs() <= dy + r)    # apex at top-centre, base on the box bottom
+    return dx.abs() + dy.abs() <= r                         # diamond: vertices at the box edge midpoints
+
+
+# ----------------------------------------------------------------------------- specs & captions
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a picture shows, independent of where things are placed."""
+    family: str      # 'single' | 'relation' | 'count'
+    objects: tuple   # ((color, shape), ...): single 1; relation 2 in caption order (A rel B); count N identical
+    size: str        # 'small' | 'large', shared by all objects; only the single family's caption states it
+    relation: str | None = None  # one of RELATIONS for the relation family, else None
+
+
+def _article(word):
+    return "an" if word[0] in "aeiou" else "a"  # every colour word has a regular vowel sound
+
+
+def caption(spec):
+    if spec.family == "single":
+        (color, shape), = spec.objects
+        return f"a {spec.size} {color} {shape}"  # "small"/"large" never take "an"
+    if spec.family == "relation":
+        (ca, sa), (cb, sb) = spec.objects
+        return f"{_article(ca)} {ca} {sa} {spec.relation} {_article(cb)} {cb} {sb}"
+    color, shape = spec.objects[0]
+    return f"{COUNT_WORDS[len(spec.objects)]} {color} {shape}s"
+
+
+_C = "(" + "|".join(COLORS) + ")"
+_S = "(" + "|".join(SHAPES) + ")"
+_SINGLE_RE = re.compile(rf"an? (small|large) {_C} {_S}")
+_RELATION_RE = re.compile(rf"an? {_C} {_S} (" + "|".join(RELATIONS) + rf") an? {_C} {_S}")
+_COUNT_RE = re.compile(rf"(two|three) {_C} {_S}s")
+
+
+def parse_caption(text):
+    """Canonical grammar -> Spec, or None. Accepts either article, any case/spacing, a final period."""
+    text = " ".join(text.lower().split())
+    if text.endswith("."):
+        text = text[:-1].rstrip()
+    if m := _SINGLE_RE.fullmatch(text):
+        size, color, shape = m.groups()
+        return Spec("single", ((color, shape),), size)
+    if m := _RELATION_RE.fullmatch(text):
+        ca, sa, rel, cb, sb = m.groups()
+        if ca == cb:  # the relation family always shows two different colours
+            return None
+        return Spec("relation", ((ca, sa), (cb, sb)), "large", rel)
+    if m := _COUNT_RE.fullmatch(text):
+        word, color, shape = m.groups()
+        n = 2 if word == "two" else 3
+        return Spec("count", ((color, shape),) * n, "large")
+    return None
+
+
+def normalize(spec):
+    """Rewrite 'right of'/'below' as 'left of'/'above' with the objects swapped: same picture-meaning."""
+    flipped = {"to the right of": "to the left of", "below": "above"}
+    if spec.family == "relation" and spec.relation in flipped:
+        a, b = spec.objects
+        return Spec("relation", (b, a), spec.size, flipped[spec.relation])
+    return spec
+
+
+def same_meaning(a, b):
+    a, b = normalize(a), normalize(b)
+    size_ok = a.size == b.size or a.family != "single"  # only the single family's caption states size
+    return (a.family, a.objects, a.relation) == (b.family, b.objects, b.relation) and size_ok
+
+
+def is_held_out(spec):
+    return any(pair in HELD_OUT for pair in spec.objects)
+
+
+# ----------------------------------------------------------------------------- sampling specs
+
+
+def _spec_from_uniforms(family, u, pairs_a, pairs_b):
+    """Build one spec of `family` from uniforms in [0, 1): u[1..5] pick pair A, pair B, relation,
+    size and count, so a whole batch comes from one vectorised rng call. Object A comes from
+    pairs_a; the relation's object B from those pairs_b of a different colour."""
+    size = SIZES[int(u[4] * 2)]
+    pair_a = pairs_a[int(u[1] * len(pairs_a))]
+    if family == "single":
+        return Spec("single", (pair_a,), size)
+    if family == "count":
+        return Spec("count", (pair_a,) * (2 + int(u[5] * 2)), size)
+    others = [p for p in pairs_b if p[0] != pair_a[0]]
+    pair_b = others[int(u[2] * len(others))]
+    return Spec("relation", (pair_a, pair_b), size, RELATIONS[int(u[3] * len(RELATIONS))])
+
+
+def eval_specs(split, n_per_family, seed=1234, hold_out=True):
+    """Fixed evaluation prompts, n_per_family per family in FAMILIES order.
+    'seen': the training distribution. 'heldout': every spec contains a HELD_OUT pair."""
+    assert split in ("seen", "heldout")
+    rng = np.random.default_rng(seed)
+    seen = SEEN_PAIRS if hold_out else ALL_PAIRS
+    specs = []
+    for family in FAMILIES:
+        for u in rng.random((n_per_family, 7)):
+            if split == "seen":
+                specs.append(_spec_from_uniforms(family, u, seen, seen))
+                continue
+            spec = _spec_from_uniforms(family, u, HELD_OUT_PAIRS, ALL_PAIRS)
+            if family == "relation" and u[6] < 0.5:  # put the held-out object on either side
+                spec = Spec("relation", spec.objects[::-1], spec.size, spec.relation)
+            specs.append(spec)
+    return specs
+
+
+# ----------------------------------------------------------------------------- the world
+
+
+class ShapesWorld:
+    """An endless stream of (image, caption, spec) batches, deterministic for a seed."""
+
+    def __init__(self, image_size=64, hold_out=True, seed=0, device="cpu", family_probs=(1 / 3, 1 / 3, 1 / 3)):
+        self.image_size = image_size
+        self.hold_out = hold_out
+        self.device = torch.device(device)
+        self.family_cdf = np.cumsum(family_probs) / np.sum(family_probs)
+        self.rng = np.random.default_rng(seed)
+        self.pairs = SEEN_PAIRS if hold_out else ALL_PAIRS
+        # Pixel centres at x + 0.5, so integer-centred shapes are symmetric.
+        self.grid = torch.arange(image_size, device=self.device, dtype=torch.float32) + 0.5  # (S,)
+        self.palette = torch.tensor(list(COLORS.values()), device=self.device, dtype=torch.float32) / 255  # (6, 3)
+
+    def sample_specs(self, n):
+        specs = []
+        for u in self.rng.random((n, 6)):
+            family = FAMILIES[min(int(np.searchsorted(self.family_cdf, u[0], side="right")), 2)]
+            specs.append(_spec_from_uniforms(family, u, self.pairs, self.pairs))
+        return specs
+
+    def layout(self, specs, rng=None):
+        """Random placement obeying the spec's constraints, by vectorised rejection sampling.
+        Returns integer numpy arrays cx, cy (B, MAX_OBJECTS) and r (B,); unused slots are 0."""
+        rng = self.rng if rng is None else rng
+        S, B = self.image_size, len(specs)
+        n_obj = np.array([len(s.objects) for s in specs])
+        base = np.array([SIZE_FRACTION[s.size] * S for s in specs])
+        r = np.maximum(1, np.rint(base * rng.uniform(0.9, 1.1, B))).astype(np.int64)  # +-10% jitter, whole pixels
+        axis, sign = np.array([RELATION_AXIS.get(s.relation, (-1, 0)) for s in specs]).T  # axis -1: no relation
+        min_offset = math.ceil(0.2 * S)
+
+        cx = np.zeros((B, MAX_OBJECTS), np.int64)
+        cy = np.zeros((B, MAX_OBJECTS), np.int64)
+        T = 64  # candidate layouts per image per round; most images find one in the first round
+        todo = np.arange(B)
+        while len(todo):
+            rt = r[todo, None, None, None]
+            # Centre in [r, S - r] keeps the box [c - r, c + r) inside the canvas.
+            u = rng.random((len(todo), T, MAX_OBJECTS, 2))
+            c = rt + np.floor(u * (S - 2 * rt + 1)).astype(np.int64)  # (b, T, O, 2) centres (x, y)
+            ok = np.ones((len(todo), T), bool)
+            for i, j in ((0, 1), (0, 2), (1, 2)):
+                gap = np.abs(c[:, :, i] - c[:, :, j]).max(-1) - 2 * r[todo, None]  # empty pixels between boxes
+                used = (n_obj[todo] > j)[:, None]
+                ok &= ~used | (gap >= 2)
+            d = c[:, :, 0] - c[:, :, 1]  # (b, T, 2) offset of A from B
+            ax = np.maximum(axis[todo], 0)[:, None]
+            along = np.take_along_axis(d, ax[:, :, None], 2)[..., 0] * sign[todo, None]
+            other = np.take_along_axis(d, 1 - ax[:, :, None], 2)[..., 0]
+            ok &= (axis[todo] < 0)[:, None] | ((along >= min_offset) & (along > np.abs(other)))
+            found = ok.any(1)
+            first = ok.argmax(1)
+            idx = todo[found]
+            chosen = c[found, first[found]]  # (b_found, O, 2)
+            cx[idx], cy[idx] = chosen[..., 0], chosen[..., 1]
+            todo = todo[~found]
+        present = np.arange(MAX_OBJECTS)[None] < n_obj[:, None]
+        return cx * present, cy * present, r
+
+    def render(self, specs, rng=None):
+        """Specs -> float images (B, 3, S, S) in [0, 1] on self.device: flat palette colours on white."""
+        cx, cy, r = self.layout(specs, rng)
+        B, S, dev = len(specs), self.image_size, self.device
+        # One row per object: its image, slot, shape and colour.
+        rows = [(b, o, SHAPES.index(shape), COLOR_NAMES.index(color))
+                for b, spec in enumerate(specs) for o, (color, shape) in enumerate(spec.objects)]
+        img, slot, shape, color = np.array(rows).T  # (K,) each
+        as_t = lambda a: torch.as_tensor(a, device=dev).view(-1, 1, 1)
+        dx = self.grid.view(1, 1, S) - as_t(cx[img, slot])  # (K, 1, S)
+        dy = self.grid.view(1, S, 1) - as_t(cy[img, slot])  # (K, S, 1)
+        rk = as_t(r[img]).float()  # (K, 1, 1)
+        mask = torch.zeros(B, MAX_OBJECTS, S, S, device=dev)  # (B, O, S, S), empty slots stay 0
+        for i, name in enumerate(SHAPES):  # each object is tested against its own shape only
+            sel = np.flatnonzero(shape == i)
+            mask[img[sel], slot[sel]] = inside_shape(name, dx[sel], dy[sel], rk[sel]).float()
+        ink = torch.zeros(B, MAX_OBJECTS, 3, device=dev)  # (B, O, 3) how far each object is from white
+        ink[img, slot] = 1 - self.palette[color]
+        # Objects never overlap, so painting is white minus a plain sum over objects (a batched matmul).
+        out = 1 - torch.einsum("bop,boc->bcp", mask.view(B, MAX_OBJECTS, S * S), ink)  # (B, 3, S*S)
+        return out.view(B, 3, S, S)
+
+    def batch(self, n):
+        specs = self.sample_specs(n)
+        return self.render(specs), [caption(s) for s in specs], specs
+
+    def state_dict(self):
+        return {"rng": self.rng.bit_generator.state}  # plain dict of str/int: safe for weights_only loads
+
+    def load_state_dict(self, d):
+        self.rng.bit_generator.state = d["rng"]
+
+
+# ----------------------------------------------------------------------------- judging
+
+
+def _label_components(cls):
+    """4-connected components of equal non-negative class. cls: (B, S, S) int, -1 = not an object pixel.
+    Returns labels (B, S, S): each pixel's label is the smallest flat index in its component
+    (background pixels keep their own index). Min-label propagation plus pointer jumping, all vectorised."""
+    B, H, W = cls.shape
+    lab = torch.arange(B * H * W, device=cls.device, dtype=torch.int32).view(B, H, W)  # int32 halves memory traffic
+    same_h = (cls[:, :, 1:] == cls[:, :, :-1]) & (cls[:, :, 1:] >= 0)  # (B, H, W-1) joined to right neighbour
+    same_v = (cls[:, 1:, :] == cls[:, :-1, :]) & (cls[:, 1:, :] >= 0)  # (B, H-1, W) joined to lower neighbour
+    while True:
+        new = lab.clone()
+        new[:, :, 1:] = torch.where(same_h, torch.minimum(new[:, :, 1:], lab[:, :, :-1]), new[:, :, 1:])
+        new[:, :, :-1] = torch.where(same_h, torch.minimum(new[:, :, :-1], lab[:, :, 1:]), new[:, :, :-1])
+        new[:, 1:, :] = torch.where(same_v, torch.minimum(new[:, 1:, :], lab[:, :-1, :]), new[:, 1:, :])
+        new[:, :-1, :] = torch.where(same_v, torch.minimum(new[:, :-1, :], lab[:, 1:, :]), new[:, :-1, :])
+        # A label is a pixel of the same component whose own label is never larger: jump to it.
+        new = new.view(-1)[new]
+        if torch.equal(new, lab):
+            return lab
+        lab = new
+
+
+def _template_iou(comp, area, w, h):
+    """IoU of each component with each shape template drawn in the component's bounding box.
+    comp: (K, C, C) bool crops whose top-left corner is the box's; area: (K,) the components' pixel
+    counts; w, h: (K,) box sizes. Returns (K, 4) in SHAPES order."""
+    C = comp.shape[-1]
+    grid = torch.arange(C, device=comp.device, dtype=torch.float32) + 0.5
+    # Offsets from the box centre in units of the half-side: every template lives in a unit box.
+    dx = 2 * grid.view(1, 1, C) / w.view(-1, 1, 1) - 1  # (K, 1, C)
+    dy = 2 * grid.view(1, C, 1) / h.view(-1, 1, 1) - 1  # (K, C, 1)
+    box = (dx < 1) & (dy < 1)  # (K, C, C): the crop may reach past the box (or past the canvas, clamped)
+    templates = torch.stack([inside_shape(s, dx, dy, 1.0) & box for s in SHAPES], 1)  # (K, 4, C, C)
+    inter = (templates & comp[:, None]).sum((-2, -1))
+    return inter / (templates.sum((-2, -1)) + area[:, None] - inter)
+
+
+def find_objects(images):
+    """Detect objects by the judging rules. images: (B, 3, S, S) float in [0, 1] or uint8, any device.
+    Returns, per image, a list of dicts: color, shape (None if no template reaches IoU 0.5), size,
+    cx, cy (bounding-box centre, in pixels) and bbox (x0, y0, x1, y1), x1 and y1 exclusive."""
+    rgb = images.float() if images.dtype == torch.uint8 else images.float() * 255
+    rgb = rgb.permute(0, 2, 3, 1)  # (B, S, S, 3)
+    B, S, dev = rgb.shape[0], rgb.shape[1], rgb.device
+    palette = torch.tensor(list(COLORS.values()), device=dev, dtype=torch.float32)  # (6, 3)
+    # Squared distances as |p|^2 - 2 p.c + |c|^2: one matmul, exact for whole-number pixel values.
+    d2 = (rgb ** 2).sum(-1, keepdim=True) - 2 * rgb @ palette.T + (palette ** 2).sum(-1)  # (B, S, S, 6)
+    near, k = d2.min(-1)
+    background = ((rgb - 255) ** 2).sum(-1) < 60 ** 2
+    cls = torch.where(~background & (near < 80 ** 2), k, -1)  # (B, S, S), -1 = not an object pixel
+
+    lab = _label_components(cls).view(-1).long()
+    fg = cls.view(-1) >= 0
+    area = torch.bincount(lab[fg], minlength=lab.numel())
+    roots = torch.nonzero(area >= 0.4 * math.pi * (SIZE_FRACTION["small"] * S) ** 2).view(-1)  # (K,) sorted by image
+    if len(roots) == 0:
+        return [[] for _ in range(B)]
+    flat = torch.arange(lab.numel(), device=dev)
+    x, y = (flat % S)[fg], (flat // S % S)[fg]
+    x0 = torch.full_like(area, S).scatter_reduce(0, lab[fg], x, "amin")[roots]
+    y0 = torch.full_like(area, S).scatter_reduce(0, lab[fg], y, "amin")[roots]
+    x1 = torch.zeros_like(area).scatter_reduce(0, lab[fg], x + 1, "amax")[roots]
+    y1 = torch.zeros_like(area).scatter_reduce(0, lab[fg], y + 1, "amax")[roots]
+    img = roots // (S * S)
+
+    # Crop every component at its box's top-left, all crops the size of the largest box.
+    C = int(torch.maximum(x1 - x0, y1 - y0).max())
+    offs = torch.arange(C, device=dev)
+    ys = (y0[:, None] + offs).clamp(max=S - 1)  # (K, C)
+    xs = (x0[:, None] + offs).clamp(max=S - 1)  # (K, C)
+    labels = lab.view(B, S, S)
+    ious = torch.cat([  # in chunks, which bounds memory when noisy images have many large blobs
+        _template_iou(labels[img[i:j, None, None], ys[i:j, :, None], xs[i:j, None, :]] == roots[i:j, None, None],
+                      area[roots[i:j]], (x1 - x0)[i:j], (y1 - y0)[i:j])
+        for i, j in ((i, i + 256) for i in range(0, len(roots), 256))
+    ])  # (K, 4)
+    best_iou, best = ious.max(1)
+
+    objects = [[] for _ in range(B)]
+    rows = zip(*(t.tolist() for t in (img, cls.view(-1)[roots], best, best_iou, x0, y0, x1, y1)))
+    for b, c, s, iou, bx0, by0, bx1, by1 in rows:
+        side = max(bx1 - bx0, by1 - by0)
+        small = abs(side - 2 * 0.09 * S) < abs(side - 2 * 0.16 * S)
+        objects[b].append(dict(color=COLOR_NAMES[c], shape=SHAPES[s] if iou >= 0.5 else None,
+                               size="small" if small else "large", cx=(bx0 + bx1) / 2, cy=(by0 + by1) / 2,
+                               bbox=(bx0, by0, bx1, by1)))
+    return objects
+
+
+def _relation_holds(a, b, relation):
+    """Between bounding-box centres: the right sign along the named axis, and more than across it."""
+    axis, sign = RELATION_AXIS[relation]
+    d = (a["cx"] - b["cx"], a["cy"] - b["cy"])
+    return sign * d[axis] > abs(d[1 - axis])
+
+
+def _judge_one(objs, spec):
+    if any(o["shape"] is None for o in objs):
+        return False  # an object with no recognisable shape spoils the picture
+    found = [(o["color"], o["shape"]) for o in objs]
+    if spec.family == "single":
+        return found == list(spec.objects) and objs[0]["size"] == spec.size
+    if spec.family == "count":
+        return found == list(spec.objects)  # N identical (colour, shape) entries
+    if len(objs) != 2 or {o["color"] for o in objs} != {c for c, _ in spec.objects}:
+        return False
+    by_color = {o["color"]: o for o in objs}
+    a, b = (by_color[c] for c, _ in spec.objects)
+    shapes_ok = (a["shape"], b["shape"]) == (spec.objects[0][1], spec.objects[1][1])
+    return shapes_ok and _relation_holds(a, b, spec.relation)
+
+
+def judge_images(images, specs):
+    return [_judge_one(objs, spec) for objs, spec in zip(find_objects(images), specs)]
+
+
+def judge_captions(captions, specs):
+    parsed = [parse_caption(c) for c in captions]
+    return [p is not None and same_meaning(p, s) for p, s in zip(parsed, specs)]
+
+
+def accuracy(oks, specs):
+    """Per-family accuracy over the families present, and overall = mean over all items."""
+    out = {}
+    for family in FAMILIES:
+        hits = [ok for ok, s in zip(oks, specs) if s.family == family]
+        if hits:
+            out[family] = sum(hits) / len(hits)
+    out["overall"] = sum(oks) / len(oks) if len(oks) else 0.0
+    return out

@@ -1,0 +1,299 @@
+"""
+Sample from a trained nano FlowTok.
+
+    python sample.py --prompt "a red circle to the left of a blue square"      # text -> image grid
+    python sample.py --prompts_file prompts.txt --num_samples 8 --cfg 3
+    python sample.py --image photo.png --image other.jpg                       # image -> text
+    python sample.py --sweep                # judge accuracy vs Euler steps and CFG scale (table)
+
+Also home of what train.py shares with it: checkpoint I/O, evaluation with the judge, grids.
+"""
+
+import os
+import sys
+import json
+import math
+import argparse
+import warnings
+
+import torch
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+import flowtok as ft
+import data
+
+# -----------------------------------------------------------------------------
+# checkpoints: atomic writes, weights_only reads, one-line errors
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def save_checkpoint(state, out_dir, name="ckpt.pt"):
+    """Write to a temp file, flush it to disk, then rename over the old one: a crash or kill -9 at
+    any moment leaves either the previous checkpoint or the new one, never half of one."""
+    path = os.path.join(out_dir, name)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}: train first: python train.py")
+    try:
+        # weights_only: a checkpoint is data, never code to run
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} as a nano FlowTok checkpoint ({type(e).__name__}); "
+                              "it is damaged or not one of ours: retrain or pick another --ckpt") from None
+
+
+def load_models(path, device):
+    """Checkpoint -> (tokenizer, EMA flow model, text tokenizer), ready to sample."""
+    state = load_checkpoint(path, device)
+    if not state.get("ema"):
+        raise CheckpointError(f"{path} has no trained flow yet (stage {state.get('stage')!r}): "
+                              "finish training: python train.py --resume")
+    tok = ft.ImageTokenizer(ft.TokenizerConfig(**state["tok_cfg"])).to(device)
+    tok.load_state_dict(state["tokenizer"])
+    model = ft.FlowTok(ft.FlowConfig(**state["flow_cfg"])).to(device)
+    model.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in state["ema"].items()})
+    text_tok = ft.TextTokenizer.from_state_dict(state["text_tokenizer"])
+    return tok.eval(), model.eval(), text_tok
+
+# -----------------------------------------------------------------------------
+# the two directions, batched
+
+
+@torch.no_grad()
+def text_to_image(tok, model, text_tok, prompts, steps=20, cfg_scale=2.0, from_mean=False, seed=0, batch=256):
+    dev = tok.scale_factor.device
+    g = torch.Generator(dev).manual_seed(seed)
+    out = []
+    for i in range(0, len(prompts), batch):
+        ids = text_tok.encode(prompts[i:i + batch]).to(dev)
+        out.append(tok.images(model.generate(ids, steps, cfg_scale, from_mean, g)))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def image_to_text(tok, model, text_tok, images, steps=20, batch=256):
+    """images (B, 3, S, S) in [0, 1] -> list of B captions."""
+    out = []
+    for i in range(0, len(images), batch):
+        ids = model.caption_ids(tok.latents(images[i:i + batch], sample=False), steps)
+        out += [text_tok.decode(x) for x in ids]
+    return out
+
+# -----------------------------------------------------------------------------
+# evaluation with the judge
+
+
+def eval_images(tok, specs, seed=4321):
+    """Fixed ground-truth renders of the evaluation specs."""
+    world = data.ShapesWorld(tok.cfg.image_size, seed=seed, device=tok.scale_factor.device)
+    return world.render(specs)
+
+
+@torch.no_grad()
+def evaluate(tok, model, text_tok, tc, dev, n, directions=("t2i", "i2t")):
+    """Judge accuracy per family on the seen and held-out splits (n prompts per family each):
+    text -> image, and (with 'i2t') image -> text, both round trips, and the text decoder's
+    exact-match round trip decode(encode(caption))."""
+    res = {}
+    for split in ("seen", "heldout"):
+        specs = data.eval_specs(split, n)
+        prompts = [data.caption(s) for s in specs]
+        imgs = text_to_image(tok, model, text_tok, prompts, tc.sample_steps, tc.cfg_scale, tc.from_mean)
+        res[f"t2i_{split}"] = data.accuracy(data.judge_images(imgs, specs), specs)
+        if "i2t" not in directions:
+            continue
+        caps = image_to_text(tok, model, text_tok, eval_images(tok, specs), tc.sample_steps)
+        res[f"i2t_{split}"] = data.accuracy(data.judge_captions(caps, specs), specs)
+        # text -> image -> text: is the caption of the generated image the prompt?
+        back = image_to_text(tok, model, text_tok, imgs, tc.sample_steps)
+        res[f"t2i2t_{split}"] = data.accuracy(data.judge_captions(back, specs), specs)
+        # image -> text -> image: does the picture drawn from the caption pass for the original spec?
+        redrawn = text_to_image(tok, model, text_tok, [c or "?" for c in caps], tc.sample_steps, tc.cfg_scale,
+                                tc.from_mean)
+        res[f"i2t2i_{split}"] = data.accuracy(data.judge_images(redrawn, specs), specs)
+        ids = text_tok.encode(prompts).to(dev)
+        dec = [text_tok.decode(x) for x in model.text_decoder(model.text_encoder(ids)[0]).argmax(-1)]
+        res[f"text_roundtrip_{split}"] = data.accuracy([a == b for a, b in zip(dec, prompts)], specs)
+    return res
+
+
+@torch.no_grad()
+def evaluate_tokenizer(tok, dev, n):
+    """PSNR and judge accuracy of reconstructions (posterior mean) of the evaluation renders."""
+    res = {}
+    for split in ("seen", "heldout"):
+        specs = data.eval_specs(split, n)
+        img = eval_images(tok, specs)
+        rec = tok.decode(tok.encode(img)[0]).clamp(0, 1)
+        mse = (rec - img).pow(2).flatten(1).mean(1)
+        res[f"recon_{split}"] = {**data.accuracy(data.judge_images(rec, specs), specs),
+                                 "psnr": (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()}
+    return res
+
+
+def report(res, multiline=False):
+    parts = []
+    for name, acc in res.items():
+        if isinstance(acc, dict):
+            parts.append(f"{name}: " + " ".join(f"{k} {v:.3f}" if k != "psnr" else f"psnr {v:.2f}dB"
+                                                for k, v in acc.items()))
+    return ("\n" if multiline else " | ").join(parts)
+
+# -----------------------------------------------------------------------------
+# pictures
+
+
+def save_grid(images, labels, path, cols=8, cell=128):
+    """images (B, 3, S, S) in [0, 1] -> one PNG with each label written under its picture."""
+    font = ImageFont.load_default(size=11)
+    B = len(images)
+    cols = min(cols, B)
+    rows = math.ceil(B / cols)
+    text_h = 40
+    canvas = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    arr = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (B, S, S, 3)
+    for i in range(B):
+        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
+        canvas.paste(Image.fromarray(arr[i]).resize((cell, cell), Image.NEAREST), (x, y))
+        draw.multiline_text((x + 3, y + cell + 2), wrap(labels[i], 22), fill="black", font=font, spacing=1)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+
+
+def wrap(text, width):
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return "\n".join((lines + [line])[:3])
+
+
+def load_image(path, size):
+    """Any image Pillow opens -> (3, size, size) in [0, 1]: RGB, shorter side resized, centre crop
+    (the training preprocessing). Raises ValueError with a one-line reason."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, "white")  # alpha composited on white, the world's background
+                im = Image.alpha_composite(bg, im)
+            elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                a = np.asarray(im, dtype=np.float32)
+                im = Image.fromarray((a / max(a.max(), 1) * 255).astype(np.uint8))
+            im = im.convert("RGB")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__})") from None
+    w, h = im.size
+    s = size / min(w, h)
+    im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    im = im.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255
+
+# -----------------------------------------------------------------------------
+
+
+def sweep(tok, model, text_tok, ckpt_dir, n, dev):
+    """Accuracy vs Euler steps x CFG scale, and vs training minutes (from evals.jsonl)."""
+    class T:  # evaluation settings, as train.py's config carries them
+        from_mean = False
+    print(f"text -> image judge accuracy, {n} prompts per family and split (overall seen / held-out; single seen)")
+    print("| steps | cfg | seen overall | held-out overall | seen single | seen relation | seen count |")
+    print("|---|---|---|---|---|---|---|")
+    for steps in (1, 2, 4, 8, 20):
+        for cfg in (1.0, 2.0, 3.0):
+            T.sample_steps, T.cfg_scale = steps, cfg
+            r = evaluate(tok, model, text_tok, T, dev, n, directions=("t2i",))
+            s, h = r["t2i_seen"], r["t2i_heldout"]
+            print(f"| {steps} | {cfg:g} | {s['overall']:.3f} | {h['overall']:.3f} | {s['single']:.3f} | "
+                  f"{s['relation']:.3f} | {s['count']:.3f} |", flush=True)
+    path = os.path.join(ckpt_dir, "evals.jsonl")
+    if os.path.exists(path):
+        print("\naccuracy vs flow-training minutes (periodic evals logged by train.py, 20 steps, cfg as trained)")
+        print("| flow step | flow minutes | seen overall | held-out overall | seen single |\n|---|---|---|---|---|")
+        for line in open(path):
+            r = json.loads(line)
+            print(f"| {r['step']} | {r['minutes']:.1f} | {r['t2i_seen']['overall']:.3f} | "
+                  f"{r['t2i_heldout']['overall']:.3f} | {r['t2i_seen']['single']:.3f} |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Sample from a trained nano FlowTok (text -> image, image -> text).")
+    p.add_argument("--prompt", action="append", default=[], help="a caption to draw (repeatable)")
+    p.add_argument("--prompts_file", help="a text file with one caption per line")
+    p.add_argument("--image", action="append", default=[], help="an image to caption (repeatable)")
+    p.add_argument("--num_samples", type=int, default=4, help="pictures per prompt / captions per image")
+    p.add_argument("--steps", type=int, default=20, help="Euler steps")
+    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--from_mean", action="store_true", help="start at the text latent's mean, not a sample")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py")
+    p.add_argument("--out", default="samples.png", help="output PNG grid")
+    p.add_argument("--sweep", action="store_true", help="print judge accuracy vs steps and CFG scale")
+    p.add_argument("--sweep_prompts", type=int, default=50, help="prompts per family and split in --sweep")
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    prompts = list(a.prompt)
+    if a.prompts_file:
+        if not os.path.exists(a.prompts_file):
+            sys.exit(f"error: prompts file {a.prompts_file} not found")
+        prompts += [l.strip() for l in open(a.prompts_file, encoding="utf-8", errors="replace") if l.strip()]
+    if any(not x.strip() for x in a.prompt):
+        sys.exit("error: empty prompt: give a caption, e.g. --prompt \"a small red circle\"")
+    if not (prompts or a.image or a.sweep):
+        sys.exit("error: nothing to do: give --prompt TEXT, --prompts_file FILE, --image PATH or --sweep")
+    if a.steps < 1 or a.num_samples < 1:
+        sys.exit("error: --steps and --num_samples must be at least 1")
+    dev = torch.device(a.device if a.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_flush_denormal(True)
+    try:
+        tok, model, text_tok = load_models(a.ckpt, dev)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    if a.sweep:
+        sweep(tok, model, text_tok, os.path.dirname(a.ckpt), a.sweep_prompts, dev)
+    if prompts:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.formatwarning = lambda msg, *args, **kw: f"warning: {msg}\n"
+            labels = [pr for pr in prompts for _ in range(a.num_samples)]
+            imgs = text_to_image(tok, model, text_tok, labels, a.steps, a.cfg, a.from_mean, a.seed)
+        save_grid(imgs, labels, a.out, cols=a.num_samples if a.num_samples > 1 else 8)
+        print(f"saved {len(labels)} samples to {a.out}")
+    if a.image:
+        failed = 0
+        for path in a.image:
+            try:
+                img = load_image(path, tok.cfg.image_size).to(dev)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                failed += 1
+                continue
+            caps = image_to_text(tok, model, text_tok, img[None].expand(a.num_samples, -1, -1, -1), a.steps)
+            print(f"{path}: " + " | ".join(dict.fromkeys(caps)))
+        if failed:
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

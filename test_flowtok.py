@@ -1,5 +1,6 @@
 """Tests for nano FlowTok: CPU only, small, hermetic. Run: python -m pytest -q"""
 
+import io
 import os
 import sys
 import math
@@ -14,6 +15,8 @@ from PIL import Image
 
 import flowtok as ft
 import data
+from data import (COLORS, HELD_OUT, RELATIONS, SHAPES, ShapesWorld, Spec, accuracy, caption, eval_specs,
+                  find_objects, is_held_out, judge_captions, judge_images, parse_caption, same_meaning)
 
 torch.set_flush_denormal(True)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -263,3 +266,252 @@ def test_flow_overfit_loss_falls(i2t):
     if i2t != "inverse":
         assert stats["i2t"].item() < 0.6 * first["i2t"]
     assert stats["spread"].item() > 0.05  # different captions keep different latents
+
+# -----------------------------------------------------------------------------
+# the real command lines, end to end (tiny preset: seconds)
+
+
+def run(*args, cwd=HERE):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    r = run("train.py", "--preset=tiny", f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    return out, r.stdout
+
+
+def test_train_cli_writes_checkpoint_grid_and_report(trained):
+    out, log = trained
+    assert "ETA" in log and "final report" in log and "t2i_heldout" in log and "i2t_seen" in log
+    for name in ("ckpt.pt", "samples_final.png", "report.json", "evals.jsonl"):
+        assert (out / name).exists(), name
+    assert not (out / "ckpt.pt.tmp").exists()
+    state = torch.load(out / "ckpt.pt", weights_only=True)  # plain data only
+    assert state["stage"] == "done" and state["text_tokenizer"]["kind"] == "bpe"
+    assert not any("_orig_mod" in k for k in state["flow"])
+    with Image.open(out / "samples_final.png") as im:
+        assert im.size[0] > 0 and im.mode == "RGB"
+
+
+def test_sample_cli_text_to_image(trained, tmp_path):
+    out, _ = trained
+    png = tmp_path / "grid.png"
+    r = run("sample.py", "--prompt", "a small red circle", "--prompt", "two blue squares", "--num_samples", "3",
+            "--steps", "2", "--ckpt", str(out / "ckpt.pt"), "--out", str(png))
+    assert r.returncode == 0, r.stderr
+    assert str(png) in r.stdout
+    with Image.open(png) as im:
+        assert im.size == (3 * 128, 2 * (128 + 40))  # 3 samples per row, one row per prompt
+
+
+def test_sample_cli_image_to_text_any_image(trained, tmp_path):
+    out, _ = trained
+    img = (data.ShapesWorld(seed=0).batch(1)[0][0].permute(1, 2, 0) * 255).byte().numpy()
+    paths = []
+    for mode in ("RGB", "RGBA", "L", "P", "I;16"):
+        p = tmp_path / f"img_{mode.replace(';', '')}.png"
+        im = Image.fromarray(img)
+        im = im.convert(mode) if mode != "I;16" else Image.fromarray((img[..., 0].astype(np.uint16) * 257))
+        im.resize((90, 70)).save(p)  # odd size: resized and centre-cropped
+        paths.append(str(p))
+    (tmp_path / "notes.txt").write_text("not an image")
+    bad = [str(tmp_path / "missing.png"), str(tmp_path / "notes.txt")]
+    args = [a for p in paths + bad for a in ("--image", p)]
+    r = run("sample.py", *args, "--steps", "2", "--ckpt", str(out / "ckpt.pt"))
+    assert r.returncode == 1  # some files failed ...
+    for p in paths:            # ... but every readable one got its caption
+        assert p + ":" in r.stdout
+    assert "missing.png: no such file" in r.stderr and "notes.txt: not a readable image" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_sample_cli_errors(trained, tmp_path):
+    out, _ = trained
+    r = run("sample.py", "--prompt", "a red circle", "--ckpt", str(tmp_path / "nope.pt"))
+    assert r.returncode != 0 and "train first: python train.py" in r.stderr and "Traceback" not in r.stderr
+    r = run("sample.py", "--prompt", "  ", "--ckpt", str(out / "ckpt.pt"))
+    assert r.returncode != 0 and "empty prompt" in r.stderr
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"this is not a checkpoint")
+    r = run("sample.py", "--prompt", "a red circle", "--ckpt", str(bad))
+    assert r.returncode != 0 and "cannot read" in r.stderr and "Traceback" not in r.stderr
+    r = run("sample.py", "--prompt", "a red circle " * 20, "--steps", "1", "--ckpt", str(out / "ckpt.pt"),
+            "--out", str(tmp_path / "long.png"))
+    assert r.returncode == 0 and "truncated" in r.stderr
+
+
+def test_train_cli_help_and_bad_flags():
+    r = run("train.py", "-h")
+    assert r.returncode == 0 and "--tok.width" in r.stdout and "--flow.cfg_prob" in r.stdout and "--resume" in r.stdout
+    r = run("train.py", "--preset=huge")
+    assert r.returncode != 0 and "unknown preset" in r.stderr
+
+# -----------------------------------------------------------------------------
+# the shapes world: renderer, captions, judge
+
+
+@pytest.mark.parametrize("image_size, seeds, n", [(64, (0, 1, 2), 30), (128, (0,), 12)])
+def test_ground_truth_judges_perfect(image_size, seeds, n):
+    for seed in seeds:
+        world = ShapesWorld(image_size=image_size, seed=seed)
+        for split in ("seen", "heldout"):
+            specs = eval_specs(split, n, seed=seed)
+            oks = judge_images(world.render(specs), specs)
+            assert accuracy(oks, specs) == {"single": 1.0, "relation": 1.0, "count": 1.0, "overall": 1.0}
+
+
+def test_uint8_images_judge_the_same():
+    specs = eval_specs("seen", 10)
+    images = ShapesWorld(seed=3).render(specs)
+    assert judge_images((images * 255).round().to(torch.uint8), specs) == [True] * len(specs)
+
+
+def _other(options, *avoid):
+    return next(o for o in options if o not in avoid)
+
+
+def _variants(spec):
+    """Specs that differ from `spec` in exactly one attribute."""
+    colors = list(COLORS)
+    if spec.family == "single":
+        (c, s), = spec.objects
+        return [Spec("single", ((_other(colors, c), s),), spec.size),
+                Spec("single", ((c, _other(SHAPES, s)),), spec.size),
+                Spec("single", spec.objects, "small" if spec.size == "large" else "large")]
+    if spec.family == "count":
+        (c, s), n = spec.objects[0], len(spec.objects)
+        return [Spec("count", ((_other(colors, c), s),) * n, spec.size),
+                Spec("count", ((c, _other(SHAPES, s)),) * n, spec.size),
+                Spec("count", ((c, s),) * (5 - n), spec.size)]
+    (ca, sa), (cb, sb) = spec.objects
+    rel = lambda objects, relation=spec.relation: Spec("relation", objects, spec.size, relation)
+    return [rel(((_other(colors, ca, cb), sa), (cb, sb))),
+            rel(((ca, _other(SHAPES, sa)), (cb, sb))),
+            rel(((ca, sa), (cb, _other(SHAPES, sb)))),
+            rel(((cb, sa), (ca, sb))),  # colours swapped between the two objects
+            *(rel(spec.objects, r) for r in RELATIONS if r != spec.relation)]
+
+
+def test_one_attribute_changed_fails():
+    specs = eval_specs("seen", 12, seed=7) + eval_specs("heldout", 4, seed=7)
+    images = ShapesWorld(seed=7).render(specs)
+    for image, spec in zip(images, specs):
+        variants = _variants(spec)
+        assert judge_images(image[None].expand(len(variants), -1, -1, -1), variants) == [False] * len(variants), spec
+
+
+def test_caption_round_trip():
+    for split in ("seen", "heldout"):
+        for spec in eval_specs(split, 40):
+            text = caption(spec)
+            parsed = parse_caption(text)
+            assert parsed is not None and same_meaning(parsed, spec), text
+            assert caption(parsed) == text or spec.family == "single"  # only single captions state size
+            assert parse_caption("  " + text.upper() + ". ") == parsed
+
+
+def test_caption_grammar():
+    assert caption(Spec("relation", (("orange", "square"), ("red", "circle")), "small", "above")) == \
+        "an orange square above a red circle"
+    assert caption(Spec("single", (("orange", "square"),), "small")) == "a small orange square"
+    assert caption(Spec("count", (("green", "triangle"),) * 3, "large")) == "three green triangles"
+    assert parse_caption("a orange square above an red circle") == \
+        Spec("relation", (("orange", "square"), ("red", "circle")), "large", "above")
+    for junk in ("hello world", "", "a red", "two red circle", "a purple circle to the left of",
+                 "a red circle to the left of a red square", "four red circles", "a small red circles"):
+        assert parse_caption(junk) is None, junk
+
+
+def test_judge_captions_accepts_swapped_relation():
+    spec = Spec("relation", (("red", "circle"), ("blue", "square")), "small", "to the left of")
+    captions = ["a blue square to the right of a red circle", "a red circle to the left of a blue square",
+                "a red circle to the right of a blue square", "a blue circle to the left of a red square", "junk"]
+    assert judge_captions(captions, [spec] * 5) == [True, True, False, False, False]
+    single = Spec("single", (("red", "circle"),), "small")
+    assert judge_captions(["a small red circle", "a large red circle"], [single] * 2) == [True, False]
+
+
+def test_hold_out_stream():
+    held = ShapesWorld(hold_out=True, seed=0).sample_specs(3000)
+    assert not any(is_held_out(s) for s in held)
+    assert {f: sum(s.family == f for s in held) > 800 for f in ("single", "relation", "count")} == \
+        {"single": True, "relation": True, "count": True}
+    full = ShapesWorld(hold_out=False, seed=0).sample_specs(3000)
+    seen_pairs = {p for s in full for p in s.objects}
+    assert HELD_OUT <= seen_pairs
+    for s in held + full:
+        if s.family == "relation":
+            assert s.objects[0][0] != s.objects[1][0]
+    for s in eval_specs("heldout", 50):
+        assert is_held_out(s)
+    assert not any(is_held_out(s) for s in eval_specs("seen", 50))
+
+
+def test_determinism_and_resume():
+    a, b = ShapesWorld(seed=5), ShapesWorld(seed=5)
+    ia, ca, sa = a.batch(16)
+    ib, cb, sb = b.batch(16)
+    assert torch.equal(ia, ib) and ca == cb and sa == sb
+    assert eval_specs("heldout", 10, seed=3) == eval_specs("heldout", 10, seed=3)
+
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)
+    expected = a.batch(16)
+    buffer.seek(0)
+    resumed = ShapesWorld(seed=99)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    got = resumed.batch(16)
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
+
+
+@pytest.mark.parametrize("image_size", [32, 64, 128])
+def test_render_constraints(image_size):
+    world = ShapesWorld(image_size=image_size, seed=11)
+    specs = world.sample_specs(96)
+    images = world.render(specs)
+    assert images.shape == (96, 3, image_size, image_size) and images.dtype == torch.float32
+    pixels = (images * 255).round()
+    assert (pixels - images * 255).abs().max() < 1e-3
+    allowed = torch.tensor([(255, 255, 255)] + list(COLORS.values()), dtype=torch.float32)  # (7, 3)
+    is_allowed = (pixels.permute(0, 2, 3, 1)[..., None, :] == allowed).all(-1).any(-1)  # (B, S, S)
+    assert is_allowed.all()
+
+    # Layout: inside the canvas, boxes >= 2 px apart, relations along their axis by >= 0.2 S.
+    cx, cy, r = world.layout(specs, np.random.default_rng(0))
+    for b, spec in enumerate(specs):
+        n = len(spec.objects)
+        assert ((cx[b, :n] - r[b] >= 0) & (cx[b, :n] + r[b] <= image_size)).all()
+        assert ((cy[b, :n] - r[b] >= 0) & (cy[b, :n] + r[b] <= image_size)).all()
+        for i in range(n):
+            for j in range(i + 1, n):
+                assert max(abs(cx[b, i] - cx[b, j]), abs(cy[b, i] - cy[b, j])) - 2 * r[b] >= 2
+        if spec.family == "relation":
+            dx, dy = cx[b, 0] - cx[b, 1], cy[b, 0] - cy[b, 1]
+            along, other = {"to the left of": (-dx, dy), "to the right of": (dx, dy),
+                            "above": (-dy, dx), "below": (dy, dx)}[spec.relation]
+            assert along >= math.ceil(0.2 * image_size) and along > abs(other)
+
+    # Rendered objects: one component per object, bounding boxes apart, sizes as drawn.
+    if image_size >= 64:
+        for objs, spec in zip(find_objects(images), specs):
+            assert len(objs) == len(spec.objects)
+            for i, a in enumerate(objs):
+                for b in objs[i + 1:]:
+                    gap_x = max(a["bbox"][0], b["bbox"][0]) - min(a["bbox"][2], b["bbox"][2])
+                    gap_y = max(a["bbox"][1], b["bbox"][1]) - min(a["bbox"][3], b["bbox"][3])
+                    assert max(gap_x, gap_y) >= 2
+
+
+def test_accuracy():
+    specs = [Spec("single", (("red", "circle"),), "small")] * 2 + \
+            [Spec("count", (("red", "circle"),) * 2, "small")] * 2
+    assert accuracy([True, False, True, True], specs) == {"single": 0.5, "count": 1.0, "overall": 0.75}
+
+
+def test_batch_of_one_shape():
+    world = ShapesWorld(seed=0)
+    specs = [Spec("single", (("blue", "square"),), "large")]
+    assert judge_images(world.render(specs), specs) == [True]

@@ -22,7 +22,6 @@ Image -> text uses the same path with the roles swapped (source = image latent a
 import math
 import re
 import os
-import hashlib
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -196,6 +195,12 @@ def init_weights(model):
 def param_count(module):
     return sum(p.numel() for p in module.parameters())
 
+
+def transformer_flops(tokens, width, depth):
+    """Forward matmul FLOPs of `depth` transformer blocks over `tokens` tokens, per sample:
+    qkv 6TD^2 + out 2TD^2 + MLP 16TD^2, plus attention scores and mixing 4T^2D (2 per multiply-add)."""
+    return depth * (24 * tokens * width ** 2 + 4 * tokens ** 2 * width)
+
 # -----------------------------------------------------------------------------
 # 1-D image tokenizer (TiTok-style, continuous KL variant)
 #
@@ -242,6 +247,16 @@ class ImageTokenizer(nn.Module):
         # Multiplies latents before the flow so they have ~unit std (set by fit_scale after training).
         self.register_buffer("scale_factor", torch.ones(()))
         init_weights(self)
+
+    def flops(self, train=True):
+        """FLOPs per image: forward only (encoding for the flow stage) or a training step (3x:
+        backward costs twice the forward)."""
+        c = self.cfg
+        T = (c.image_size // c.patch_size) ** 2 + c.num_tokens
+        enc = transformer_flops(T, c.width, c.enc_depth)
+        if not train:
+            return enc
+        return 3 * (enc + transformer_flops(T, c.width, c.dec_depth))
 
     def patchify(self, img):
         return rearrange(img, "b c (h p) (w q) -> b (h w) (p q c)", p=self.cfg.patch_size, q=self.cfg.patch_size)
@@ -529,6 +544,13 @@ class FlowTok(nn.Module):
         self.image_proj = nn.Sequential(nn.Linear(K * C, cfg.text_width), nn.SiLU(), nn.Linear(cfg.text_width, K * C))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         init_weights(self)
+
+    def flops(self):
+        """Training FLOPs per sample: flow transformer (t2i, plus the i2t share of the batch),
+        text encoder and decoder, each 3x their forward."""
+        c = self.cfg
+        flow = transformer_flops(c.num_tokens, c.width, c.depth) * (1 + (c.i2t != "inverse") * c.i2t_frac)
+        return 3 * (flow + 2 * transformer_flops(c.num_tokens, c.text_width, c.text_depth))
 
     def velocity(self, x, t, direction=0, null=0):
         """v_theta(x, t) for one direction (0: text -> image, 1: image -> text). t is a float or

@@ -290,7 +290,7 @@ def test_train_cli_writes_checkpoint_grid_and_report(trained):
         assert (out / name).exists(), name
     assert not (out / "ckpt.pt.tmp").exists()
     state = torch.load(out / "ckpt.pt", weights_only=True)  # plain data only
-    assert state["stage"] == "done" and state["text_tokenizer"]["kind"] == "bpe"
+    assert state["stage"] == "flow" and state["step"] == 20 and state["text_tokenizer"]["kind"] == "bpe"
     assert not any("_orig_mod" in k for k in state["flow"])
     with Image.open(out / "samples_final.png") as im:
         assert im.size[0] > 0 and im.mode == "RGB"
@@ -348,6 +348,63 @@ def test_train_cli_help_and_bad_flags():
     assert r.returncode == 0 and "--tok.width" in r.stdout and "--flow.cfg_prob" in r.stdout and "--resume" in r.stdout
     r = run("train.py", "--preset=huge")
     assert r.returncode != 0 and "unknown preset" in r.stderr
+
+
+def test_ddp_two_cpu_ranks_then_single_process_resume(tmp_path):
+    r = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--preset=tiny",
+            "--device=cpu", "--final_prompts=1", f"--out_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "x 2 ranks = 32" in r.stdout  # the effective batch is printed
+    assert "DDP: weights identical on all 2 ranks: True" in r.stdout
+    assert r.stdout.count("final report") == 1  # evaluation and logging on rank 0 only
+    # the DDP run's checkpoint continues in a single process
+    r = run("train.py", "--preset=tiny", "--resume", "--flow_steps=30", "--final_prompts=1", f"--out_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from" in r.stdout and "flow 25/30" in r.stdout and "flow 5/30" not in r.stdout
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 30
+
+
+def flow_losses(log):
+    """{step: loss line} of the flow stage's log lines."""
+    return {l.split("/")[0]: l.split("|")[1] for l in log.splitlines() if l.startswith("flow ") and "|" in l}
+
+
+def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
+    args = ["train.py", "--preset=tiny", "--flow_steps=40", "--log_interval=1", "--final_prompts=1"]
+    a = run(*args, f"--out_dir={tmp_path / 'a'}")
+    assert a.returncode == 0, a.stderr[-2000:]
+    # the same run, killed with SIGKILL once it has logged flow step 15 (a checkpoint exists at 10)
+    p = subprocess.Popen([sys.executable, *args, f"--out_dir={tmp_path / 'b'}"], cwd=HERE, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    for line in p.stdout:
+        if line.startswith("flow 15/40"):
+            p.kill()
+            break
+    p.wait()
+    assert p.returncode == -9
+    state = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)  # the last checkpoint is intact
+    assert state["stage"] == "flow" and state["step"] in (10, 20)
+    b = run(*args, "--resume", f"--out_dir={tmp_path / 'b'}")
+    assert b.returncode == 0, b.stderr[-2000:]
+    la, lb = flow_losses(a.stdout), flow_losses(b.stdout)
+    assert "flow 40" in lb and "flow 5" not in lb  # it continued, it did not restart
+    assert {k: la[k] for k in lb} == lb             # the resumed loss curve is the uninterrupted one
+    wa = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    wb = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    for part in ("flow", "ema"):
+        assert all(torch.equal(wa[part][k], wb[part][k]) for k in wa[part]), part
+
+
+def test_atomic_save_keeps_previous_checkpoint_on_failure(tmp_path, monkeypatch):
+    from sample import save_checkpoint, load_checkpoint
+    save_checkpoint({"step": 1, "w": torch.ones(3)}, tmp_path)
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_checkpoint({"step": 2, "w": torch.zeros(3)}, tmp_path)
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 1  # the old one is untouched
 
 # -----------------------------------------------------------------------------
 # the shapes world: renderer, captions, judge

@@ -13,8 +13,8 @@ import os
 import sys
 import json
 import time
-import math
 import copy
+import signal
 import argparse
 import dataclasses
 from contextlib import nullcontext
@@ -24,7 +24,7 @@ import torch
 import flowtok as ft
 import data
 from sample import (save_checkpoint, load_checkpoint, evaluate, evaluate_tokenizer, report, save_grid,
-                    CheckpointError)
+                    text_to_image, CheckpointError)
 
 
 @dataclasses.dataclass
@@ -39,12 +39,12 @@ class TrainConfig:
     text_tokenizer: str = "bpe"   # bpe (trained on the captions, offline) | gpt2 (needs tiktoken's cache)
     bpe_vocab: int = 512
     # tokenizer stage
-    tok_steps: int = 3000
+    tok_steps: int = 4000
     tok_batch: int = 32
     tok_lr: float = 2e-3
     # flow stage
-    flow_steps: int = 3000
-    flow_batch: int = 128
+    flow_steps: int = 2400
+    flow_batch: int = 64
     flow_lr: float = 6e-4
     ema_decay: float = 0.999
     # both stages
@@ -54,16 +54,19 @@ class TrainConfig:
     grad_clip: float = 1.0
     # logging, evaluation, sampling
     log_interval: int = 50
-    eval_interval: int = 1000     # flow steps between evaluations (and sample grids)
+    eval_interval: int = 600      # steps between checkpoints; for the flow also evaluations and grids
     eval_prompts: int = 20        # per family and split, periodic evaluations
     final_prompts: int = 100      # per family and split, the final report
     sample_steps: int = 20        # Euler steps
     cfg_scale: float = 2.0
     from_mean: bool = False       # start sampling at the text latent's mean instead of a sample
     # speed switches (auto = on where it helps: CUDA)
-    bf16: str = "auto"
-    compile: str = "auto"
-    tf32: bool = True
+    bf16: str = "auto"            # bf16 autocast; auto: on where CUDA supports it
+    fp16: str = "True"            # CUDA without bf16: fp16 autocast + GradScaler
+    compile: str = "auto"         # torch.compile; auto: on for CUDA (--compile=False on Windows / to debug)
+    tf32: bool = True             # TF32 matmuls on CUDA
+    grad_accum: int = 1           # micro-steps per optimizer step
+    peak_tflops: float = 0.0      # for MFU; 0 = 989 (H100/H200 bf16 dense) on CUDA, not shown elsewhere
 
 
 # Named presets: each overrides a few fields. 'cpu' finishes on a 2-core CPU in <= 30 minutes.
@@ -72,6 +75,13 @@ PRESETS = {
     "gpu": {"tok_steps": 6000, "tok_batch": 128, "tok_lr": 1e-3, "flow_steps": 8000, "flow_batch": 256,
             "tok.width": 256, "tok.enc_depth": 4, "tok.dec_depth": 6, "flow.width": 384, "flow.depth": 8,
             "flow.n_head": 6, "eval_interval": 2000},
+    # the paper's shapes: 256 px, patch 16, K = 77 tokens x C = 16 channels, flow transformer sizes of
+    # FlowTok-B / XL / H (Tab. 1); for bench.py and real-data training on a GPU
+    **{name: {"tok.image_size": 256, "tok.patch_size": 16, "tok.num_tokens": 77, "tok.token_dim": 16,
+              "tok.width": 768, "tok.enc_depth": 12, "tok.dec_depth": 12, "tok.n_head": 12,
+              "flow.width": w, "flow.depth": d, "flow.n_head": h, "flow.text_width": 512, "flow.text_depth": 6,
+              "tok_batch": 32, "flow_batch": 256, "tok_lr": 1e-4, "flow_lr": 4e-4}
+       for name, (w, d, h) in {"B": (768, 12, 12), "XL": (1152, 28, 16), "H": (1280, 36, 20)}.items()},
     # for tests and smoke runs: seconds, not a useful model
     "tiny": {"tok_steps": 20, "tok_batch": 8, "flow_steps": 20, "flow_batch": 16, "warmup": 5,
              "tok.width": 32, "tok.enc_depth": 1, "tok.dec_depth": 1, "tok.n_head": 2,
@@ -120,27 +130,64 @@ def parse_args(argv=None):
     return tc, ft.TokenizerConfig(**split("tok.")), split("flow.")
 
 # -----------------------------------------------------------------------------
-# device and speed switches, all in one place
+# device, precision, compile, DDP: every speed switch is set here, once
 
 
-def setup(tc):
-    if tc.device == "auto":
-        tc.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    dev = torch.device(tc.device)
-    torch.manual_seed(tc.seed)
-    torch.set_flush_denormal(True)  # CPU: denormals made steps 3-5x slower at random
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = tc.tf32
-        torch.backends.cudnn.allow_tf32 = tc.tf32
-    use_bf16 = (dev.type == "cuda" and torch.cuda.is_bf16_supported()) if tc.bf16 == "auto" else str2bool(tc.bf16)
-    use_compile = dev.type == "cuda" if tc.compile == "auto" else str2bool(tc.compile)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    print(f"device {dev} | preset {tc.preset} | bf16 {use_bf16} | compile {use_compile} | threads {torch.get_num_threads()}")
-    return dev, autocast, use_compile
+class Run:
+    """What every stage needs to know about where and how it runs."""
+    def __init__(self, tc):
+        self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.ddp = "RANK" in os.environ  # launched by torchrun
+        if tc.device == "auto":
+            tc.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        if self.ddp:
+            import torch.distributed as dist
+            dist.init_process_group("nccl" if tc.device.startswith("cuda") else "gloo")
+            if tc.device.startswith("cuda"):
+                tc.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+                torch.cuda.set_device(tc.device)
+        self.master = self.rank == 0
+        self.dev = dev = torch.device(tc.device)
+        torch.manual_seed(tc.seed)  # the same initial weights on every rank
+        torch.set_flush_denormal(True)  # CPU: denormals made steps 3-5x slower at random
+        if dev.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = tc.tf32
+            torch.backends.cudnn.allow_tf32 = tc.tf32
+        cuda_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.bf16 = cuda_bf16 if tc.bf16 == "auto" else str2bool(tc.bf16)
+        # GPUs without bf16: fp16 autocast, with a GradScaler against gradient underflow
+        self.fp16 = dev.type == "cuda" and not self.bf16 and str2bool(tc.fp16)
+        dtype = torch.bfloat16 if self.bf16 else torch.float16
+        self.autocast = torch.autocast(dev.type, dtype=dtype) if (self.bf16 or self.fp16) else nullcontext()
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=self.fp16)
+        self.compile = dev.type == "cuda" if tc.compile == "auto" else str2bool(tc.compile)
+        self.peak = (tc.peak_tflops or (989.0 if dev.type == "cuda" else 0.0)) * 1e12
+        self.stop = False  # set by Ctrl-C; the loop saves a checkpoint at the next step boundary
+        self.print(f"device {dev} | preset {tc.preset} | bf16 {self.bf16} | fp16 {self.fp16} | compile {self.compile} "
+                   f"| tf32 {tc.tf32} | threads {torch.get_num_threads()} | ranks {self.world_size}")
+
+    def interrupt(self, *_):
+        """Ctrl-C: finish the current step, save, exit. A second Ctrl-C stops at once."""
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+        self.print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to quit without saving)")
+
+    def print(self, *args):
+        if self.master:
+            print(*args, flush=True)
+
+    def wrap(self, model):
+        """compile, then DDP (in that order, as nanoGPT); the unwrapped model is what gets saved."""
+        net = torch.compile(model) if self.compile else model
+        if self.ddp:
+            from torch.nn.parallel import DistributedDataParallel
+            net = DistributedDataParallel(net, device_ids=[self.dev.index] if self.dev.type == "cuda" else None)
+        return net
 
 
 def make_optimizer(model, lr, weight_decay, dev):
-    # decay only matrices (not biases, norms, embeddings of size 1-D); fused AdamW on CUDA
+    # decay only matrices (not biases, norms); fused AdamW on CUDA
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -158,60 +205,21 @@ def lr_at(step, total, peak, tc):
 
 
 class Logger:
-    """One line per interval: stage, step, losses, ms/step over the interval, images/s, ETA."""
-    def __init__(self, stage, total, batch, start_step):
-        self.stage, self.total, self.batch = stage, total, batch
+    """One line per interval: stage, step, losses, ms/step over the interval, images/s, MFU, ETA."""
+    def __init__(self, run, stage, total, batch, flops_per_step, start_step):
+        self.run, self.stage, self.total, self.batch, self.flops = run, stage, total, batch, flops_per_step
         self.t_start = self.t_last = time.time()
         self.step_start = self.step_last = start_step
 
     def line(self, step, stats):
         now = time.time()
-        ms = 1000 * (now - self.t_last) / max(1, step + 1 - self.step_last)
+        dt = (now - self.t_last) / max(1, step + 1 - self.step_last)
         eta = (now - self.t_start) / max(1, step + 1 - self.step_start) * (self.total - step - 1)
         self.t_last, self.step_last = now, step + 1
         losses = " ".join(f"{k} {v.item():.4f}" for k, v in stats.items())  # .item() syncs: log time only
-        print(f"{self.stage} {step + 1}/{self.total} | {losses} | {ms:.0f} ms/step | "
-              f"{self.batch * 1000 / ms:.0f} img/s | ETA {int(eta // 60)}:{int(eta % 60):02d}", flush=True)
-
-
-# -----------------------------------------------------------------------------
-# stage 1: the image tokenizer
-
-
-def train_tokenizer(tc, tok, world, state, dev, autocast, use_compile):
-    opt = make_optimizer(tok, tc.tok_lr, tc.weight_decay, dev)
-    step = 0
-    if state.get("stage") == "tokenizer":
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-    fwd = torch.compile(tok) if use_compile else tok
-    log = Logger("tokenizer", tc.tok_steps, tc.tok_batch, step)
-    while step < tc.tok_steps:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, tc.tok_steps, tc.tok_lr, tc)
-        img, _, _ = world.batch(tc.tok_batch)
-        with autocast:
-            loss, stats = fwd(img)
-        check_finite(loss, "tokenizer", step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tok.parameters(), tc.grad_clip)
-        opt.step()
-        if (step + 1) % tc.log_interval == 0 or step + 1 == tc.tok_steps:
-            log.line(step, {"loss": loss, **stats})
-        step += 1
-        if step % tc.eval_interval == 0 or step == tc.tok_steps:
-            state.update(stage="tokenizer", step=step, tokenizer=tok.state_dict(), optimizer=opt.state_dict(),
-                         world=world.state_dict(), rng=torch.get_rng_state())
-            save_checkpoint(state, tc.out_dir)
-    # after training: scale latents to unit std for the flow, measured on fresh training images
-    scale = tok.fit_scale([world.batch(256)[0] for _ in range(4)])
-    print(f"tokenizer latent scale factor {scale:.4f}")
-    state.update(stage="flow", step=0, tokenizer=tok.state_dict(), optimizer=None, world=world.state_dict())
-    save_checkpoint(state, tc.out_dir)
-
-# -----------------------------------------------------------------------------
-# stage 2: text encoder/decoder + flow transformer on the frozen tokenizer's latents
+        mfu = f" | mfu {100 * self.flops / dt / self.run.peak:.1f}%" if self.run.peak else ""
+        self.run.print(f"{self.stage} {step + 1}/{self.total} | {losses} | {1000 * dt:.0f} ms/step | "
+                       f"{self.batch / dt:.0f} img/s{mfu} | ETA {int(eta // 60)}:{int(eta % 60):02d}")
 
 
 def check_finite(loss, stage, step):
@@ -220,67 +228,137 @@ def check_finite(loss, stage, step):
                  "Lower the learning rate or turn off bf16 (--bf16=False), then --resume.")
 
 
-def train_flow(tc, tok, model, ema, text_tok, world, state, dev, autocast, use_compile):
-    opt = make_optimizer(model, tc.flow_lr, tc.weight_decay, dev)
+def fit(run, tc, stage, model, loss_fn, steps, batch, lr, state, flops_per_sample, on_step=None, on_save=None):
+    """The training loop both stages share. loss_fn(net) draws a batch and returns (loss, stats).
+    on_step(step) runs after each optimizer step (EMA); on_save(step, opt) every eval_interval
+    steps and at the end (checkpoint, evaluation). Resumes from `state` when it is this stage's."""
+    opt = make_optimizer(model, lr, tc.weight_decay, run.dev)
     step = 0
-    if state.get("stage") == "flow" and state.get("optimizer"):
+    if state.get("stage") == stage and state.get("optimizer"):
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
-    fwd = torch.compile(model) if use_compile else model
-    log = Logger("flow", tc.flow_steps, tc.flow_batch, step)
-    t_start = time.time() - state.get("flow_seconds", 0.0)
-    tok.eval().requires_grad_(False)
-    while step < tc.flow_steps:
+    net = run.wrap(model)
+    accum = tc.grad_accum
+    run.print(f"{stage}: {steps} steps, effective batch {batch} x {accum} accumulation x {run.world_size} ranks "
+              f"= {batch * accum * run.world_size}")
+    log = Logger(run, stage, steps, batch * accum * run.world_size, flops_per_sample * batch * accum, step)
+    signal.signal(signal.SIGINT, run.interrupt)
+    while step < steps and not run.stop:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, tc.flow_steps, tc.flow_lr, tc)
-        img, captions, specs = world.batch(tc.flow_batch)
-        ids = text_tok.encode(captions).to(dev, non_blocking=True)
-        ids_i2t = text_tok.encode([data.caption(data.normalize(s)) for s in specs]).to(dev, non_blocking=True)
-        with autocast:
-            z_img = tok.latents(img).float()
-            loss, stats = fwd(ids, z_img, ids_i2t)
-        check_finite(loss, "flow", step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+            g["lr"] = lr_at(step, steps, lr, tc)
+        for micro in range(accum):
+            # under DDP, all-reduce the gradients only on the last micro-step
+            sync = nullcontext() if (not run.ddp or micro == accum - 1) else net.no_sync()
+            with sync:
+                with run.autocast:
+                    loss, stats = loss_fn(net)
+                check_finite(loss, stage, step)
+                run.scaler.scale(loss / accum).backward()
+        run.scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
+        run.scaler.step(opt)
+        run.scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if on_step:
+            on_step(step)
+        if (step + 1) % tc.log_interval == 0 or step + 1 == steps:
+            log.line(step, {"loss": loss, **stats})
+        step += 1
+        if (step % tc.eval_interval == 0 or step == steps or run.stop) and on_save:
+            on_save(step, opt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if run.stop:
+        run.print(f"interrupted: checkpoint saved at {stage} step {step}; continue with --resume")
+        sys.exit(130)
+
+# -----------------------------------------------------------------------------
+# stage 1: the image tokenizer
+
+
+def train_tokenizer(run, tc, tok, world, state):
+    def on_save(step, opt):
+        if run.master:
+            state.update(stage="tokenizer", step=step, tokenizer=tok.state_dict(), optimizer=opt.state_dict(),
+                         world=world.state_dict(), rng=torch.get_rng_state())
+            save_checkpoint(state, tc.out_dir)
+
+    fit(run, tc, "tokenizer", tok, lambda net: net(world.batch(tc.tok_batch)[0]), tc.tok_steps, tc.tok_batch,
+        tc.tok_lr, state, tok.flops(), on_save=on_save)
+    # after training: scale latents to unit std for the flow. The images come from a fixed-seed
+    # stream, so every DDP rank gets the same factor and the training stream is left untouched.
+    fixed = data.ShapesWorld(tok.cfg.image_size, hold_out=tc.hold_out, seed=tc.seed, device=run.dev)
+    scale = tok.fit_scale([fixed.batch(256)[0] for _ in range(4)])
+    run.print(f"tokenizer latent scale factor {scale:.4f}")
+    state.update(stage="flow", step=0, tokenizer=tok.state_dict(), optimizer=None, world=world.state_dict(),
+                 rng=torch.get_rng_state())
+    if run.master:
+        save_checkpoint(state, tc.out_dir)
+
+# -----------------------------------------------------------------------------
+# stage 2: text encoder/decoder + flow transformer on the frozen tokenizer's latents
+
+
+def train_flow(run, tc, tok, model, ema, text_tok, world, state):
+    tok.eval().requires_grad_(False)
+    t_start = time.time() - state.get("flow_seconds", 0.0)
+
+    def loss_fn(net):
+        img, captions, specs = world.batch(tc.flow_batch)
+        ids = text_tok.encode(captions).to(run.dev, non_blocking=True)
+        # image -> text lands on one phrasing per picture: the relation stated left/above-wise
+        ids_i2t = text_tok.encode([data.caption(data.normalize(s)) for s in specs]).to(run.dev, non_blocking=True)
+        z_img = tok.latents(img).float()
+        return net(ids, z_img, ids_i2t)
+
+    def on_step(step):
         # EMA with a warm-up of its decay, so a short run's EMA is not stuck near the init
         decay = min(tc.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-        if (step + 1) % tc.log_interval == 0 or step + 1 == tc.flow_steps:
-            log.line(step, {"loss": loss, **stats})
-        step += 1
-        if step % tc.eval_interval == 0 or step == tc.flow_steps:
-            state.update(stage="flow", step=step, flow=model.state_dict(), ema=ema.state_dict(),
-                         optimizer=opt.state_dict(), world=world.state_dict(), rng=torch.get_rng_state(),
-                         flow_seconds=time.time() - t_start)
-            save_checkpoint(state, tc.out_dir)
-            res = evaluate(tok, ema, text_tok, tc, dev, tc.eval_prompts, directions=("t2i",))
-            res.update(step=step, minutes=(time.time() - t_start) / 60)
-            with open(os.path.join(tc.out_dir, "evals.jsonl"), "a") as f:
-                f.write(json.dumps(res) + "\n")
-            print(f"eval @ {step} ({res['minutes']:.1f} flow min): " + report(res), flush=True)
-            grid_prompts(tok, ema, text_tok, tc, dev, os.path.join(tc.out_dir, f"samples_{step:06d}.png"))
-    state.update(stage="done")
-    save_checkpoint(state, tc.out_dir)
+
+    def on_save(step, opt):
+        if not run.master:
+            return
+        state.update(stage="flow", step=step, flow=model.state_dict(), ema=ema.state_dict(),
+                     optimizer=opt.state_dict(), world=world.state_dict(), rng=torch.get_rng_state(),
+                     flow_seconds=time.time() - t_start)
+        save_checkpoint(state, tc.out_dir)
+        if run.stop:
+            return
+        res = evaluate(tok, ema, text_tok, tc, run.dev, tc.eval_prompts, directions=("t2i",))
+        res.update(step=step, minutes=(time.time() - t_start) / 60)
+        with open(os.path.join(tc.out_dir, "evals.jsonl"), "a") as f:
+            f.write(json.dumps(res) + "\n")
+        run.print(f"eval @ {step} ({res['minutes']:.1f} flow min): " + report(res))
+        grid_prompts(tok, ema, text_tok, tc, run.dev, os.path.join(tc.out_dir, f"samples_{step:06d}.png"))
+
+    flops = model.flops() + tok.flops(train=False)  # + encoding the images with the frozen tokenizer
+    fit(run, tc, "flow", model, loss_fn, tc.flow_steps, tc.flow_batch, tc.flow_lr, state, flops, on_step, on_save)
 
 
 def grid_prompts(tok, model, text_tok, tc, dev, path, n=16):
     """A labelled grid: fixed prompts (seen and held-out) with the generated picture above each."""
-    specs = data.eval_specs("seen", n // 4, seed=7) + data.eval_specs("heldout", n // 4, seed=7)
-    specs = specs[:n]
+    specs = (data.eval_specs("seen", n // 4, seed=7) + data.eval_specs("heldout", n // 4, seed=7))[:n]
     prompts = [data.caption(s) for s in specs]
-    g = torch.Generator(dev).manual_seed(0)
-    z = model.generate(text_tok.encode(prompts).to(dev), tc.sample_steps, tc.cfg_scale, tc.from_mean, g)
-    save_grid(tok.images(z), prompts, path)
+    save_grid(text_to_image(tok, model, text_tok, prompts, tc.sample_steps, tc.cfg_scale, tc.from_mean), prompts, path)
+
+
+def check_ranks_in_sync(run, *models):
+    """DDP keeps replicas identical; verify it once at the end (one all-gather of a checksum of
+    every weight and buffer)."""
+    import torch.distributed as dist
+    flat = torch.cat([v.detach().flatten().double() for m in models for v in m.state_dict().values()])
+    sums = [torch.zeros(2, dtype=torch.float64, device=flat.device) for _ in range(run.world_size)]
+    dist.all_gather(sums, torch.stack([flat.sum(), flat.pow(2).sum()]))
+    same = all(torch.equal(sums[0], x) for x in sums)
+    run.print(f"DDP: weights identical on all {run.world_size} ranks: {same}")
 
 # -----------------------------------------------------------------------------
 
 
 def main(argv=None):
     tc, tok_cfg, flow_overrides = parse_args(argv)
-    dev, autocast, use_compile = setup(tc)
+    run = Run(tc)
     os.makedirs(tc.out_dir, exist_ok=True)
     t0 = time.time()
     state = {}
@@ -288,22 +366,24 @@ def main(argv=None):
         state = load_checkpoint(os.path.join(tc.out_dir, "ckpt.pt"))
         tok_cfg = ft.TokenizerConfig(**state["tok_cfg"])
         torch.set_rng_state(state["rng"])
-        print(f"resuming from {tc.out_dir}/ckpt.pt: stage {state['stage']}, step {state['step']}")
-    world = data.ShapesWorld(tok_cfg.image_size, hold_out=tc.hold_out, seed=tc.seed, device=dev)
+        run.print(f"resuming from {tc.out_dir}/ckpt.pt: stage {state['stage']}, step {state['step']}")
+    # each rank draws its own data (an infinite procedural stream is sharded by seed)
+    world = data.ShapesWorld(tok_cfg.image_size, hold_out=tc.hold_out, seed=tc.seed + run.rank, device=run.dev)
     if state.get("world"):
         world.load_state_dict(state["world"])
-    tok = ft.ImageTokenizer(tok_cfg).to(dev)
-    print(f"image tokenizer: {ft.param_count(tok) / 1e6:.2f}M parameters, {tok_cfg.num_tokens} x {tok_cfg.token_dim} latent")
+    tok = ft.ImageTokenizer(tok_cfg).to(run.dev)
+    run.print(f"image tokenizer: {ft.param_count(tok) / 1e6:.2f}M parameters, "
+              f"{tok_cfg.num_tokens} x {tok_cfg.token_dim} latent")
     if state.get("tokenizer"):
         tok.load_state_dict(state["tokenizer"])
     state.setdefault("tok_cfg", dataclasses.asdict(tok_cfg))
     state.setdefault("train_cfg", dataclasses.asdict(tc))
 
     if tc.stage in ("all", "tokenizer") and state.get("stage") in (None, "tokenizer"):
-        train_tokenizer(tc, tok, world, state, dev, autocast, use_compile)
-        print(f"tokenizer stage done in {(time.time() - t0) / 60:.1f} min")
-        res = evaluate_tokenizer(tok, dev, tc.final_prompts)
-        print("tokenizer reconstructions: " + report(res), flush=True)
+        train_tokenizer(run, tc, tok, world, state)
+        run.print(f"tokenizer stage done in {(time.time() - t0) / 60:.1f} min")
+        if run.master:
+            run.print("tokenizer reconstructions: " + report(evaluate_tokenizer(tok, run.dev, tc.final_prompts)))
     if tc.stage == "tokenizer":
         return
     if not state.get("tokenizer"):
@@ -313,30 +393,32 @@ def main(argv=None):
     if state.get("text_tokenizer"):
         text_tok = ft.TextTokenizer.from_state_dict(state["text_tokenizer"])
     elif tc.text_tokenizer == "bpe":
-        text_tok = ft.TextTokenizer.train([data.caption(s) for s in world.sample_specs(20000)],
-                                          tok_cfg.num_tokens, tc.bpe_vocab)
+        captions = [data.caption(s) for s in data.ShapesWorld(hold_out=tc.hold_out, seed=tc.seed).sample_specs(20000)]
+        text_tok = ft.TextTokenizer.train(captions, tok_cfg.num_tokens, tc.bpe_vocab)
     else:
         text_tok = ft.TextTokenizer(tok_cfg.num_tokens, tc.text_tokenizer)
     state["text_tokenizer"] = text_tok.state_dict()
     flow_cfg = ft.FlowConfig(**{**state.get("flow_cfg", flow_overrides), "vocab_size": text_tok.vocab_size,
                                 "num_tokens": tok_cfg.num_tokens, "token_dim": tok_cfg.token_dim})
     state["flow_cfg"] = dataclasses.asdict(flow_cfg)
-    model = ft.FlowTok(flow_cfg).to(dev)
+    model = ft.FlowTok(flow_cfg).to(run.dev)
     ema = copy.deepcopy(model).requires_grad_(False)
     if state.get("flow"):
         model.load_state_dict(state["flow"])
         ema.load_state_dict(state["ema"])
-    print(f"text tokenizer: {text_tok.kind}, vocab {text_tok.vocab_size}; flow model: "
-          f"{ft.param_count(model.flow) / 1e6:.2f}M flow transformer, {ft.param_count(model) / 1e6:.2f}M in all")
-    if state.get("stage") != "done":
-        train_flow(tc, tok, model, ema, text_tok, world, state, dev, autocast, use_compile)
-    print(f"flow stage done; {(time.time() - t0) / 60:.1f} min so far")
-
-    res = evaluate(tok, ema, text_tok, tc, dev, tc.final_prompts)
+    run.print(f"text tokenizer: {text_tok.kind}, vocab {text_tok.vocab_size}; flow model: "
+              f"{ft.param_count(model.flow) / 1e6:.2f}M flow transformer, {ft.param_count(model) / 1e6:.2f}M in all")
+    train_flow(run, tc, tok, model, ema, text_tok, world, state)  # returns at once if already at flow_steps
+    if run.ddp:
+        check_ranks_in_sync(run, tok, model)
+    run.print(f"flow stage done; {(time.time() - t0) / 60:.1f} min so far")
+    if not run.master:
+        return
+    res = evaluate(tok, ema, text_tok, tc, run.dev, tc.final_prompts)
     with open(os.path.join(tc.out_dir, "report.json"), "w") as f:
         json.dump(res, f, indent=1)
     path = os.path.join(tc.out_dir, "samples_final.png")
-    grid_prompts(tok, ema, text_tok, tc, dev, path)
+    grid_prompts(tok, ema, text_tok, tc, run.dev, path)
     print("final report:\n" + report(res, multiline=True))
     print(f"sample grid: {path}\ntotal time {(time.time() - t0) / 60:.1f} min")
 

@@ -97,7 +97,7 @@ def main():
     cuda = torch.cuda.is_available() and tc.device in ("auto", "cuda")
     variants = args.variants.split(",") if args.variants else \
         (["eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16"] if cuda else ["eager-fp32", "eager-bf16"])
-    print(f"| variant | measurement | ms | images/s | TFLOP/s | MFU |\n|---|---|---|---|---|---|")
+    print("| variant | measurement | ms | images/s | TFLOP/s | MFU |\n|---|---|---|---|---|---|")
     for v in variants:
         mode, precision = v.split("-")
         if mode not in ("eager", "compiled") or precision not in ("fp32", "bf16"):

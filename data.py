@@ -1,16 +1,28 @@
-"""The shapes world: a procedurally generated text<->image dataset that needs no download.
+"""Datasets: the built-in shapes world, and your own captioned images.
 
-Pictures of flat coloured shapes on white, with captions in a tiny canonical grammar, and a
-rule-based judge that says exactly whether a picture (or a caption) matches a prompt.
-The full specification is shapes-world.md; this file implements it top to bottom:
+The shapes world is a procedurally generated text<->image dataset that needs no download:
+pictures of flat coloured shapes on white, with captions in a tiny canonical grammar, and a
+rule-based judge that says exactly whether a picture (or a caption) matches a prompt. Its full
+specification is shapes-world.md; this file implements it top to bottom:
 vocabulary -> specs and captions -> sampling -> rendering -> judging.
+The last section reads your own (image, caption) folders with the same interface.
 """
+import csv
+import glob
+import io
+import json
 import math
+import os
 import re
+import sys
+import zlib
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 
 # ----------------------------------------------------------------------------- vocabulary
 
@@ -180,6 +192,11 @@ class ShapesWorld:
         # Pixel centres at x + 0.5, so integer-centred shapes are symmetric.
         self.grid = torch.arange(image_size, device=self.device, dtype=torch.float32) + 0.5  # (S,)
         self.palette = torch.tensor(list(COLORS.values()), device=self.device, dtype=torch.float32) / 255  # (6, 3)
+
+    def captions(self, n=20000):
+        """A sample of training captions (the text tokenizer's BPE is trained on it), drawn from a
+        fixed-seed stream so that this stream's own order is left untouched."""
+        return [caption(s) for s in ShapesWorld(self.image_size, self.hold_out, seed=0).sample_specs(n)]
 
     def sample_specs(self, n):
         specs = []
@@ -392,3 +409,289 @@ def accuracy(oks, specs):
             out[family] = sum(hits) / len(hits)
     out["overall"] = sum(oks) / len(oks) if len(oks) else 0.0
     return out
+
+
+# ----------------------------------------------------------------------------- your own captioned images
+# A folder of your pictures with captions, in one of three layouts found automatically:
+#   imagefolder  metadata.jsonl or metadata.csv with columns file_name (relative path) and text
+#   txt          cat.jpg beside cat.txt, searched recursively
+#   coco         a captions_*.json (or a folder holding exactly one), several captions per image
+# Bad data never stops a run: every entry is decoded once at open time, the bad ones are skipped
+# and counted by reason, and a file that still fails later is skipped and another one drawn.
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+SKIP_REASONS = ("missing file", "unreadable image", "image too small", "no caption", "empty caption",
+                "caption not UTF-8", "bad metadata line")
+MIN_SIDE_FRACTION = 0.25  # a shorter side under image_size/4 would be upscaled over 4x: mostly blur
+
+
+def _open_rgb(path, size):
+    """Decode an image as FlowTok's preprocessing sees it: RGB, alpha composited on white, 16/32-bit
+    and float scaled to 8 bit. JPEGs decode at the smallest DCT scale still >= size (free and fast).
+    Raises ValueError with a one-line reason naming the file."""
+    try:
+        with Image.open(path) as im:
+            im.draft(None, (size, size))
+            im = ImageOps.exif_transpose(im)  # phone photos store rotation in EXIF; captions see it upright
+            if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+                im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+            elif im.mode.startswith(("I", "F")):
+                a = np.nan_to_num(np.asarray(im, dtype=np.float64))
+                peak = a.max(initial=0)
+                if im.mode.startswith("I;16") or (im.mode == "I" and peak <= 65535):
+                    full = 65535  # Pillow keeps 16-bit PNG/TIFF data in these modes
+                else:
+                    full = 1.0 if peak <= 1 else 255 if peak <= 255 else peak  # floats are usually [0, 1]
+                im = Image.fromarray(np.clip(a / full * 255, 0, 255).round().astype(np.uint8))
+            return im.convert("RGB")  # palette, CMYK, grayscale, 1-bit ...
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__})") from None
+
+
+def _resize_crop(im, size):
+    """Shorter side resized to size (bicubic), centre crop; no flip: captions say left and right.
+    -> uint8 (3, size, size)."""
+    w, h = im.size
+    s = size / min(w, h)
+    im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    left, top = (im.width - size) // 2, (im.height - size) // 2
+    im = im.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+
+
+def load_image(path, size):
+    """Any image Pillow opens -> (3, size, size) float in [0, 1], preprocessed as for training."""
+    return _resize_crop(_open_rgb(path, size), size).float() / 255
+
+
+def _clean_caption(text):
+    """-> (caption, None) or (None, skip reason). Whitespace runs (newlines too) become one space."""
+    try:
+        text.encode("utf-8")  # files are read with surrogateescape: undecodable bytes fail here
+    except UnicodeEncodeError:
+        return None, "caption not UTF-8"
+    text = " ".join(text.split())
+    return (text, None) if text else (None, "empty caption")
+
+
+def _read_text(path):
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
+        return f.read()
+
+
+def _imagefolder_entries(root, meta):
+    """metadata.jsonl / .csv -> {image path: [raw captions]} and skip counts. Several rows naming
+    one file are several captions of that image."""
+    rows, skipped = [], Counter()
+    if meta.endswith(".jsonl"):
+        for line in _read_text(meta).splitlines():
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                skipped["bad metadata line"] += 1
+    else:
+        rows = list(csv.DictReader(io.StringIO(_read_text(meta), newline="")))
+    entries = {}
+    for row in rows:
+        if not (isinstance(row, dict) and isinstance(row.get("file_name"), str) and isinstance(row.get("text"), str)):
+            skipped["bad metadata line"] += 1
+            continue
+        entries.setdefault(os.path.join(root, row["file_name"]), []).append(row["text"])
+    return entries, skipped
+
+
+def _txt_entries(root):
+    """Images with a same-named .txt beside them, recursively; hidden files and folders ignored."""
+    entries, skipped = {}, Counter()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            stem, ext = os.path.splitext(name)
+            if name.startswith(".") or ext.lower() not in IMAGE_EXTS:
+                continue
+            txt = os.path.join(dirpath, stem + ".txt")
+            if os.path.isfile(txt):
+                entries[os.path.join(dirpath, name)] = [_read_text(txt)]
+            else:
+                skipped["no caption"] += 1
+    return entries, skipped
+
+
+def _coco_entries(ann, image_root):
+    """captions_SPLIT.json -> entries. Images are looked for in image_root if given, else beside the
+    json or in a folder named SPLIT beside it or beside its folder (COCO's own layout)."""
+    try:
+        coco = json.loads(_read_text(ann))
+        images = {im["id"]: im["file_name"] for im in coco["images"]}
+        annotations = coco["annotations"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{ann}: not a COCO captions file ({type(e).__name__}): it needs images[] with id and "
+                         "file_name, annotations[] with image_id and caption") from None
+    caps, skipped = {}, Counter()
+    for a in annotations:
+        if not (isinstance(a, dict) and a.get("image_id") in images and isinstance(a.get("caption"), str)):
+            skipped["bad metadata line"] += 1
+            continue
+        caps.setdefault(a["image_id"], []).append(a["caption"])
+    here = os.path.dirname(os.path.abspath(ann))
+    split = os.path.basename(ann)[len("captions_"):-len(".json")]
+    roots = [image_root] if image_root else [here, os.path.join(here, split),
+                                             os.path.join(os.path.dirname(here), split)]
+    names = list(images.values())[:100]
+    root = max(roots, key=lambda r: sum(os.path.isfile(os.path.join(r, n)) for n in names))  # first wins ties
+    entries = {}
+    for i, name in images.items():
+        if i in caps:
+            entries[os.path.join(root, name)] = caps[i]
+        else:
+            skipped["no caption"] += 1
+    return entries, skipped
+
+
+def _find_format(path, image_root):
+    """-> (format name, entries, skip counts), or ValueError saying what to give instead."""
+    if not os.path.exists(path):
+        raise ValueError(f"dataset {path}: no such file or folder: give a folder of captioned images or a COCO "
+                         "captions_*.json")
+    if os.path.isfile(path):
+        if os.path.basename(path) in ("metadata.jsonl", "metadata.csv"):
+            return "imagefolder", *_imagefolder_entries(os.path.dirname(os.path.abspath(path)), path)
+        if path.endswith(".json"):
+            return "coco", *_coco_entries(path, image_root)
+        raise ValueError(f"dataset {path}: a file but not a COCO captions_*.json or a metadata.jsonl/.csv: "
+                         "give the folder holding your images instead")
+    for meta in ("metadata.jsonl", "metadata.csv"):
+        if os.path.isfile(os.path.join(path, meta)):
+            return "imagefolder", *_imagefolder_entries(path, os.path.join(path, meta))
+    anns = sorted(glob.glob(os.path.join(path, "captions_*.json")) +
+                  glob.glob(os.path.join(path, "annotations", "captions_*.json")))
+    if len(anns) > 1:
+        raise ValueError(f"dataset {path}: several COCO caption files ({', '.join(map(os.path.basename, anns))}): "
+                         "give the one to train on as the path")
+    if anns:
+        return "coco", *_coco_entries(anns[0], image_root)
+    entries, skipped = _txt_entries(path)
+    if entries:
+        return "txt", entries, skipped
+    raise ValueError(f"dataset {path}: no metadata.jsonl/metadata.csv, no captions_*.json and no image with a "
+                     "same-named .txt caption: put your captions in one of these layouts")
+
+
+def _skip_summary(skipped):
+    return ", ".join(f"{skipped[r]} {r}" for r in SKIP_REASONS if skipped[r]) or "nothing"
+
+
+class CaptionedImages:
+    """Your (image, caption) pairs with ShapesWorld's interface: batch(n), state_dict(), captions().
+    Epochs are seeded permutations (each image once per epoch); with several captions per image one
+    is drawn each time it is used. Preprocessed images are kept in memory up to cache_mb (a fixed
+    set filled at open time: under shuffled epochs an LRU smaller than the data never hits)."""
+
+    def __init__(self, path, image_size, seed=0, device="cpu", image_root=None, cache_mb=512):
+        self.path, self.image_size, self.device = path, image_size, torch.device(device)
+        self.format, entries, self.skipped = _find_format(path, image_root)
+        files, caps = [], []
+        for file, raw in entries.items():
+            cleaned = [_clean_caption(text) for text in raw]
+            self.skipped.update(reason for _, reason in cleaned if reason)  # an image with none good goes too
+            if good := [c for c, _ in cleaned if c]:
+                files.append(file)
+                caps.append(good)
+        min_side = math.ceil(image_size * MIN_SIDE_FRACTION)
+        n_cache = cache_mb * 2 ** 20 // (3 * image_size ** 2)
+
+        def scan(i, file):  # -> skip reason, or the preprocessed image (None past the cache budget)
+            if not os.path.isfile(file):
+                return "missing file"
+            try:  # a real decode, not verify(): verify() never reads a JPEG's data, so misses truncation
+                im = _open_rgb(file, image_size)
+            except ValueError:
+                return "unreadable image"
+            if min(im.size) < min_side:  # draft decoding never shrinks a side below image_size
+                return "image too small"
+            return _resize_crop(im, image_size) if i < n_cache else None
+
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without holding the GIL
+            results = list(pool.map(scan, range(len(files)), files))
+        self.files, self.caps, self.cache = [], [], {}
+        for file, cap, r in zip(files, caps, results):
+            if isinstance(r, str):
+                self.skipped[r] += 1
+                continue
+            if r is not None:
+                self.cache[len(self.files)] = r
+            self.files.append(file)
+            self.caps.append(cap)
+        usable = f"{len(self.files)} usable images with {sum(map(len, self.caps))} captions" if self.files else \
+            "no usable image-caption pair"
+        self.summary = f"dataset {path}: {usable} ({self.format}); skipped {_skip_summary(self.skipped)}"
+        if not self.files:
+            raise ValueError(self.summary + ": fix those files or point at another dataset")
+        self.fingerprint = zlib.crc32("\n".join(self.files).encode("utf-8", "surrogateescape"))
+        self.rng = np.random.default_rng(seed)
+        self.bad = []  # indices that passed the scan but failed to decode later: out of every later epoch
+        self.order, self.pos = self.rng.permutation(len(self.files)), 0
+
+    def __len__(self):
+        return len(self.files)
+
+    def captions(self):
+        return [c for caps in self.caps for c in caps]
+
+    def _next_index(self):
+        if self.pos == len(self.order):
+            alive = np.setdiff1d(np.arange(len(self.files)), self.bad)
+            if not len(alive):
+                raise ValueError(f"dataset {self.path}: every image failed to decode during training: "
+                                 "check the disk and the files")
+            self.order, self.pos = self.rng.permutation(alive), 0
+        self.pos += 1
+        return int(self.order[self.pos - 1])
+
+    def batch(self, n):
+        """-> images (n, 3, S, S) float in [0, 1] on device, n captions, [None] * n (no judge for free text)."""
+        imgs, caps = [], []
+        while len(imgs) < n:
+            i = self._next_index()
+            if i in self.bad:
+                continue
+            try:
+                img = self.cache[i] if i in self.cache else _resize_crop(_open_rgb(self.files[i], self.image_size),
+                                                                         self.image_size)
+            except ValueError as e:
+                print(f"warning: {e}: skipped from now on", file=sys.stderr)
+                self.bad.append(i)
+                self.skipped["unreadable image"] += 1
+                continue
+            imgs.append(img)
+            caps.append(self.caps[i][self.rng.integers(len(self.caps[i]))])
+        x = torch.stack(imgs)  # (n, 3, S, S) uint8: a quarter of float's bytes to move
+        if self.device.type == "cuda":
+            x = x.pin_memory()
+        return x.to(self.device, non_blocking=True).float() / 255, caps, [None] * n
+
+    def state_dict(self):
+        # plain ints, lists and one tensor: safe for weights_only loads
+        return {"rng": self.rng.bit_generator.state, "order": torch.from_numpy(self.order.astype(np.int64)),
+                "pos": self.pos, "bad": list(self.bad), "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, d):
+        self.rng.bit_generator.state = d["rng"]
+        if d["fingerprint"] != self.fingerprint:  # files added, removed or newly broken since the checkpoint
+            print(f"warning: dataset {self.path} changed since the checkpoint: continuing with a fresh shuffle",
+                  file=sys.stderr)
+            self.order, self.pos, self.bad = self.rng.permutation(len(self.files)), 0, []
+            return
+        self.order, self.pos, self.bad = d["order"].numpy(), d["pos"], list(d["bad"])
+
+
+def open_dataset(path, image_size, seed=0, device="cpu", image_root=None, cache_mb=512):
+    """Open your captioned images in whichever layout they are (see the top of this section) and
+    print one line: how many pairs are usable, and how many entries were skipped for what."""
+    ds = CaptionedImages(path, image_size, seed, device, image_root, cache_mb)
+    print(ds.summary)
+    return ds

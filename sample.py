@@ -17,7 +17,6 @@ import argparse
 import warnings
 
 import torch
-import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 import flowtok as ft
@@ -132,16 +131,20 @@ def evaluate(tok, model, text_tok, tc, dev, n, directions=("t2i", "i2t")):
 
 
 @torch.no_grad()
-def evaluate_tokenizer(tok, dev, n):
-    """PSNR and judge accuracy of reconstructions (posterior mean) of the evaluation renders."""
+def evaluate_tokenizer(tok, dev, n, images=None):
+    """PSNR (and, on the shapes world, judge accuracy) of reconstructions from the posterior mean:
+    of the given images, or of the evaluation renders (n per family and split)."""
+    def recon_psnr(img):
+        rec = tok.decode(tok.encode(img)[0]).clamp(0, 1)
+        mse = (rec - img).pow(2).flatten(1).mean(1)
+        return rec, (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()
+    if images is not None:
+        return {"recon": {"psnr": recon_psnr(images)[1]}}
     res = {}
     for split in ("seen", "heldout"):
         specs = data.eval_specs(split, n)
-        img = eval_images(tok, specs)
-        rec = tok.decode(tok.encode(img)[0]).clamp(0, 1)
-        mse = (rec - img).pow(2).flatten(1).mean(1)
-        res[f"recon_{split}"] = {**data.accuracy(data.judge_images(rec, specs), specs),
-                                 "psnr": (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()}
+        rec, psnr = recon_psnr(eval_images(tok, specs))
+        res[f"recon_{split}"] = {**data.accuracy(data.judge_images(rec, specs), specs), "psnr": psnr}
     return res
 
 
@@ -184,33 +187,6 @@ def wrap(text, width):
         else:
             line = f"{line} {word}".strip()
     return "\n".join((lines + [line])[:3])
-
-
-def load_image(path, size):
-    """Any image Pillow opens -> (3, size, size) in [0, 1]: RGB, shorter side resized, centre crop
-    (the training preprocessing). Raises ValueError with a one-line reason."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                bg = Image.new("RGBA", im.size, "white")  # alpha composited on white, the world's background
-                im = Image.alpha_composite(bg, im)
-            elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                a = np.asarray(im, dtype=np.float32)
-                im = Image.fromarray((a / max(a.max(), 1) * 255).astype(np.uint8))
-            im = im.convert("RGB")
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable image ({type(e).__name__})") from None
-    w, h = im.size
-    s = size / min(w, h)
-    im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    w, h = im.size
-    left, top = (w - size) // 2, (h - size) // 2
-    im = im.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255
 
 # -----------------------------------------------------------------------------
 
@@ -286,7 +262,7 @@ def main(argv=None):
         failed = 0
         for path in a.image:
             try:
-                img = load_image(path, tok.cfg.image_size).to(dev)
+                img = data.load_image(path, tok.cfg.image_size).to(dev)
             except ValueError as e:
                 print(f"error: {e}", file=sys.stderr)
                 failed += 1

@@ -2,6 +2,7 @@
 
 import io
 import os
+import json
 import sys
 import math
 import subprocess
@@ -15,7 +16,7 @@ from PIL import Image
 
 import flowtok as ft
 import data
-from data import (COLORS, HELD_OUT, RELATIONS, SHAPES, ShapesWorld, Spec, accuracy, caption, eval_specs,
+from data import (COLORS, HELD_OUT, open_dataset, RELATIONS, SHAPES, ShapesWorld, Spec, accuracy, caption, eval_specs,
                   find_objects, is_held_out, judge_captions, judge_images, parse_caption, same_meaning)
 
 torch.set_flush_denormal(True)
@@ -572,3 +573,224 @@ def test_batch_of_one_shape():
     world = ShapesWorld(seed=0)
     specs = [Spec("single", (("blue", "square"),), "large")]
     assert judge_images(world.render(specs), specs) == [True]
+
+# -----------------------------------------------------------------------------
+# your own captioned images
+
+S = 16  # custom-data tests: image_size: the minimum usable shorter side is S/4 = 4 px
+
+
+def solid(path, color, size=(24, 20)):
+    Image.new("RGB", size, COLORS[color]).save(path)
+
+
+def color_of(img):
+    """Name of the palette colour nearest to the mean of an image (3, S, S) in [0, 1]."""
+    mean = img.mean((1, 2)) * 255
+    return min(COLORS, key=lambda c: float(((mean - torch.tensor(COLORS[c], dtype=torch.float32)) ** 2).sum()))
+
+
+def check_batch(ds, n):
+    img, caps, specs = ds.batch(n)
+    assert img.shape == (n, 3, S, S) and img.dtype == torch.float32
+    assert 0 <= img.min() and img.max() <= 1
+    assert len(caps) == n and specs == [None] * n
+    for x, c in zip(img, caps):  # each caption names its image's colour
+        assert color_of(x) in c.split(), (color_of(x), c)
+    return img, caps
+
+
+@pytest.mark.parametrize("meta", ["jsonl", "csv"])
+def test_imagefolder(tmp_path, capsys, meta):
+    rows = []
+    for i, color in enumerate(["red", "green", "blue"]):
+        name = f"sub/{color}.{'png' if i % 2 else 'jpg'}"
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        solid(tmp_path / name, color, (24, 20) if i % 2 else (80, 60))
+        rows.append({"file_name": name, "text": f"a {color} picture"})
+    if meta == "jsonl":
+        (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        (tmp_path / "metadata.csv").write_text("file_name,text\n" + "".join(f"{r['file_name']},{r['text']}\n"
+                                                                           for r in rows))
+    ds = open_dataset(str(tmp_path), S)
+    out = capsys.readouterr().out
+    assert f"dataset {tmp_path}: 3 usable images with 3 captions (imagefolder); skipped nothing" in out
+    assert len(ds) == 3 and sorted(ds.captions()) == ["a blue picture", "a green picture", "a red picture"]
+    _, caps = check_batch(ds, 3)
+    assert sorted(caps) == sorted(ds.captions())  # an epoch shows every image once
+    check_batch(ds, 7)  # across epoch boundaries
+
+
+def test_txt_captions_recursive(tmp_path, capsys):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for d, color in [(tmp_path, "red"), (tmp_path / "a", "yellow"), (tmp_path / "a" / "b", "purple")]:
+        solid(d / f"{color}.png", color)
+        (d / f"{color}.txt").write_text(f"  a {color}\nsquare \n")  # whitespace and newlines collapse
+    ds = open_dataset(str(tmp_path), S)
+    assert "3 usable images with 3 captions (txt); skipped nothing" in capsys.readouterr().out
+    assert sorted(ds.captions()) == ["a purple square", "a red square", "a yellow square"]
+    check_batch(ds, 6)
+
+
+def make_coco(root):
+    (root / "annotations").mkdir()
+    (root / "val2017").mkdir()
+    images, anns = [], []
+    for i, color in enumerate(["orange", "blue"]):
+        solid(root / "val2017" / f"{i:012d}.jpg", color, (80, 60))
+        images.append({"id": 100 + i, "file_name": f"{i:012d}.jpg"})
+        anns += [{"id": 10 * i + k, "image_id": 100 + i, "caption": f"{color} picture number {k}"} for k in range(3)]
+    ann = root / "annotations" / "captions_val2017.json"
+    ann.write_text(json.dumps({"images": images, "annotations": anns}))
+    return ann
+
+
+def test_coco_all_captions_drawn_and_images_in_split_folder(tmp_path, capsys):
+    ann = make_coco(tmp_path)
+    for path in (ann, tmp_path):  # the json itself, or a folder holding one under annotations/
+        ds = open_dataset(str(path), S)
+        assert "2 usable images with 6 captions (coco); skipped nothing" in capsys.readouterr().out
+        assert len(ds) == 2
+        seen = set()
+        for _ in range(10):
+            seen |= set(check_batch(ds, 4)[1])
+        assert seen == set(ds.captions()) and len(seen) == 6
+    other = tmp_path / "elsewhere"
+    (tmp_path / "val2017").rename(other)
+    assert len(open_dataset(str(ann), S, image_root=str(other))) == 2
+
+
+def test_broken_files_are_skipped_and_counted(tmp_path, capsys):
+    rows = []
+    for color in ("red", "blue"):
+        solid(tmp_path / f"{color}.png", color)
+        rows.append(json.dumps({"file_name": f"{color}.png", "text": f"{color} thing"}))
+    (tmp_path / "zero.png").write_bytes(b"")
+    full = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(full, "JPEG")
+    (tmp_path / "truncated.jpg").write_bytes(full.getvalue()[:len(full.getvalue()) // 2])
+    (tmp_path / "notes.jpg").write_text("this is text, not a picture")
+    solid(tmp_path / "tiny.png", "green", (2, 2))
+    solid(tmp_path / "uncaptioned.png", "green")
+    rows += [json.dumps({"file_name": n, "text": "green thing"})
+             for n in ("zero.png", "truncated.jpg", "notes.jpg", "tiny.png", "missing.png")]
+    rows += [json.dumps({"file_name": "uncaptioned.png", "text": "  "}), '{"file_name": "red.png", "te',
+             json.dumps({"file_name": "red.png"}), json.dumps(["red.png", "red"])]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    ds = open_dataset(str(tmp_path), S)
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1  # one summary line
+    assert ("2 usable images with 2 captions (imagefolder); skipped 1 missing file, 3 unreadable image, "
+            "1 image too small, 1 empty caption, 3 bad metadata line") in out
+    assert ds.skipped["unreadable image"] == 3
+    assert sorted(check_batch(ds, 4)[1]) == ["blue thing", "blue thing", "red thing", "red thing"]
+
+    # the .txt layout: undecodable captions and images without a caption file
+    txt = tmp_path / "txt"
+    txt.mkdir()
+    for color in ("red", "blue", "green", "purple"):
+        solid(txt / f"{color}.jpg", color)
+    (txt / "red.txt").write_text("red")
+    (txt / "blue.txt").write_text("blue")
+    (txt / "green.txt").write_bytes(b"gr\xff\xfeen")
+    (txt / "zero.png").write_bytes(b"")
+    (txt / "zero.txt").write_text("nothing")
+    ds = open_dataset(str(txt), S)
+    assert ("2 usable images with 2 captions (txt); skipped 1 unreadable image, 1 no caption, 1 caption not UTF-8"
+            in capsys.readouterr().out)
+    check_batch(ds, 4)
+
+
+def test_decode_failure_during_training_skips_and_continues(tmp_path, capsys):
+    for color in ("red", "green", "blue"):
+        solid(tmp_path / f"{color}.png", color)
+        (tmp_path / f"{color}.txt").write_text(color)
+    ds = open_dataset(str(tmp_path), S, cache_mb=0)  # no cache: every batch decodes from disk
+    (tmp_path / "green.png").write_bytes((tmp_path / "green.png").read_bytes()[:40])  # broken after the scan
+    caps = [c for _ in range(5) for c in check_batch(ds, 3)[1]]
+    assert "green" not in caps and abs(caps.count("red") - caps.count("blue")) <= 1  # epochs of the other two
+    assert ds.skipped["unreadable image"] == 1 and ds.bad == [ds.files.index(str(tmp_path / "green.png"))]
+    assert "green.png: not a readable image" in capsys.readouterr().err
+    ds.files = [str(tmp_path / "gone.png")] * 3
+    with pytest.raises(ValueError, match="every image failed"):  # nothing left at all: a clear error, no hang
+        ds.batch(20)
+
+
+def test_image_modes_load_as_rgb(tmp_path):
+    red = COLORS["red"]
+    Image.new("CMYK", (30, 20), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    Image.fromarray(np.full((20, 30), 200 * 257, np.uint16)).save(tmp_path / "i16.png")
+    Image.fromarray(np.full((20, 30), 0.5, np.float32)).save(tmp_path / "f.tiff")
+    pal = Image.new("P", (30, 20), 1)
+    pal.putpalette([0, 0, 0, *red] + [0] * 762)
+    pal.paste(0, (0, 0, 15, 20))
+    pal.save(tmp_path / "pal.png", transparency=0)  # left half transparent, right half red
+    Image.new("LA", (30, 20), (100, 255)).save(tmp_path / "la.png")
+    rgba = Image.new("RGBA", (20, 20), (*red, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 10, 20))  # transparent black on the left
+    rgba.save(tmp_path / "rgba.png")
+    px = lambda name, x=0: data.load_image(str(tmp_path / name), S)[:, S // 2, x] * 255
+    assert torch.allclose(px("cmyk.jpg"), torch.tensor([255.0, 0, 0]), atol=8)
+    assert torch.allclose(px("i16.png"), torch.full((3,), 200.0), atol=1)  # 16 bit scaled, not stretched
+    assert torch.allclose(px("f.tiff"), torch.full((3,), 128.0), atol=1)
+    assert torch.allclose(px("pal.png"), torch.full((3,), 255.0))  # transparent palette entry -> white
+    assert torch.allclose(px("pal.png", -1), torch.tensor(red, dtype=torch.float32), atol=1)
+    assert torch.allclose(px("la.png"), torch.full((3,), 100.0), atol=1)
+    assert torch.allclose(px("rgba.png"), torch.full((3,), 255.0))  # transparent -> white
+    assert torch.allclose(px("rgba.png", -1), torch.tensor(red, dtype=torch.float32), atol=1)
+    (tmp_path / "junk.png").write_text("junk")
+    with pytest.raises(ValueError, match="missing.png: no such file"):
+        data.load_image(str(tmp_path / "missing.png"), S)
+    with pytest.raises(ValueError, match="junk.png: not a readable image"):
+        data.load_image(str(tmp_path / "junk.png"), S)
+
+
+def test_unusable_datasets_are_one_line_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.png").write_bytes(b"")
+    (tmp_path / "empty" / "a.txt").write_text("a caption")
+    (tmp_path / "plain").mkdir()
+    solid(tmp_path / "plain" / "red.png", "red")  # images but no captions in any layout
+    cases = [(tmp_path / "empty", "no usable image-caption pair"), (tmp_path / "nope", "no such file or folder"),
+             (tmp_path / "plain", "no metadata.jsonl")]
+    for path, msg in cases:
+        with pytest.raises(ValueError, match=msg) as e:
+            open_dataset(str(path), S)
+        assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_state_dict_resumes_the_same_sequence(tmp_path):
+    ann = make_coco(tmp_path)
+    a = open_dataset(str(ann), S, seed=3)
+    a.batch(3)
+    buf = io.BytesIO()
+    torch.save({"world": a.state_dict()}, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)["world"]
+    b = open_dataset(str(ann), S, seed=99)
+    b.load_state_dict(state)
+    for _ in range(4):  # several epochs of 2 images, caption choices included
+        (xa, ca, _), (xb, cb, _) = a.batch(3), b.batch(3)
+        assert ca == cb and torch.equal(xa, xb)
+
+
+def test_train_and_sample_on_your_own_images_through_the_cli(tmp_path):
+    """A tiny imagefolder dataset (with a broken file) trains end to end and samples."""
+    rows = []
+    for i, color in enumerate(["red", "green", "blue", "yellow"] * 3):
+        solid(tmp_path / f"{i}.png", color, (40 + i, 36))
+        rows.append({"file_name": f"{i}.png", "text": f"a {color} picture"})
+    (tmp_path / "broken.png").write_bytes(b"")
+    rows.append({"file_name": "broken.png", "text": "nothing"})
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    r = run("train.py", "--preset=tiny", f"--data={tmp_path}", f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "12 usable images with 12 captions (imagefolder); skipped 1 unreadable image" in r.stdout
+    assert "image -> text:" in r.stdout and "psnr" in r.stdout and (out / "samples_final.png").exists()
+    r = run("sample.py", "--prompt", "a red picture", "--steps", "2", "--ckpt", str(out / "ckpt.pt"),
+            "--out", str(tmp_path / "s.png"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run("train.py", "--preset=tiny", f"--data={tmp_path / 'nowhere'}", f"--out_dir={out}")
+    assert r.returncode != 0 and r.stderr.startswith("error:") and "Traceback" not in r.stderr

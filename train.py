@@ -24,7 +24,7 @@ import torch
 import flowtok as ft
 import data
 from sample import (save_checkpoint, load_checkpoint, evaluate, evaluate_tokenizer, report, save_grid,
-                    text_to_image, CheckpointError)
+                    text_to_image, image_to_text, CheckpointError)
 
 
 @dataclasses.dataclass
@@ -35,7 +35,9 @@ class TrainConfig:
     device: str = "auto"          # auto: cuda -> mps -> cpu
     seed: int = 1337
     resume: bool = False          # continue from out_dir/ckpt.pt
-    hold_out: bool = True         # keep the four held-out colour-shape pairs out of training
+    data: str = ""                # your captioned images (imagefolder, .txt or COCO); empty: the shapes world
+    image_root: str = ""          # COCO: the image folder, when it is not found next to the annotations
+    hold_out: bool = True         # shapes world: keep the four held-out colour-shape pairs out of training
     text_tokenizer: str = "bpe"   # bpe (trained on the captions, offline) | gpt2 (needs tiktoken's cache)
     bpe_vocab: int = 512
     # tokenizer stage
@@ -82,6 +84,8 @@ PRESETS = {
               "flow.width": w, "flow.depth": d, "flow.n_head": h, "flow.text_width": 512, "flow.text_depth": 6,
               "tok_batch": 32, "flow_batch": 256, "tok_lr": 1e-4, "flow_lr": 4e-4}
        for name, (w, d, h) in {"B": (768, 12, 12), "XL": (1152, 28, 16), "H": (1280, 36, 20)}.items()},
+    # your own photos on a CPU, in minutes: 64 px, longer captions (K = 32)
+    "photo64": {"tok.num_tokens": 32, "tok_steps": 3000, "flow_steps": 1500, "eval_interval": 500},
     # for tests and smoke runs: seconds, not a useful model
     "tiny": {"tok_steps": 20, "tok_batch": 8, "flow_steps": 20, "flow_batch": 16, "warmup": 5,
              "tok.width": 32, "tok.enc_depth": 1, "tok.dec_depth": 1, "tok.n_head": 2,
@@ -102,11 +106,13 @@ def str2bool(s):
 
 
 def add_fields(parser, cls, prefix, title):
+    """One flag per dataclass field: --name=value (booleans also as a bare --name)."""
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(cls):
-        kind = str2bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(f.type, f.type)
-        group.add_argument(f"--{prefix}{f.name}", type=kind, default=None, metavar=f.type if isinstance(f.type, str) else f.type.__name__,
-                           help=f"default {f.default!r}")
+        name = getattr(f.type, "__name__", f.type)
+        extra = {"nargs": "?", "const": True} if name == "bool" else {}
+        group.add_argument(f"--{prefix}{f.name}", type=str2bool if name == "bool" else f.type, default=None,
+                           metavar=name, help=f"default {f.default!r}", **extra)
 
 
 def parse_args(argv=None):
@@ -271,6 +277,25 @@ def fit(run, tc, stage, model, loss_fn, steps, batch, lr, state, flops_per_sampl
         run.print(f"interrupted: checkpoint saved at {stage} step {step}; continue with --resume")
         sys.exit(130)
 
+def make_world(tc, tok_cfg, run):
+    """The training stream: the shapes world, or your captioned images (--data). Each DDP rank draws
+    its own data (a stream sharded by seed)."""
+    if not tc.data:
+        return data.ShapesWorld(tok_cfg.image_size, hold_out=tc.hold_out, seed=tc.seed + run.rank, device=run.dev)
+    try:
+        return data.open_dataset(tc.data, tok_cfg.image_size, tc.seed + run.rank, run.dev, tc.image_root or None)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+def peek(world, n):
+    """n training pairs without advancing the stream (its state is saved and restored), so that
+    looking at the data never changes what a resumed run sees."""
+    saved = world.state_dict()
+    batch = world.batch(n)
+    world.load_state_dict(saved)
+    return batch
+
 # -----------------------------------------------------------------------------
 # stage 1: the image tokenizer
 
@@ -284,10 +309,11 @@ def train_tokenizer(run, tc, tok, world, state):
 
     fit(run, tc, "tokenizer", tok, lambda net: net(world.batch(tc.tok_batch)[0]), tc.tok_steps, tc.tok_batch,
         tc.tok_lr, state, tok.flops(), on_save=on_save)
-    # after training: scale latents to unit std for the flow. The images come from a fixed-seed
-    # stream, so every DDP rank gets the same factor and the training stream is left untouched.
-    fixed = data.ShapesWorld(tok.cfg.image_size, hold_out=tc.hold_out, seed=tc.seed, device=run.dev)
-    scale = tok.fit_scale([fixed.batch(256)[0] for _ in range(4)])
+    # after training: scale latents to unit std for the flow (rank 0's factor for every rank)
+    scale = tok.fit_scale([peek(world, 512)[0]])
+    if run.ddp:
+        torch.distributed.broadcast(tok.scale_factor, 0)
+        scale = tok.scale_factor.item()
     run.print(f"tokenizer latent scale factor {scale:.4f}")
     state.update(stage="flow", step=0, tokenizer=tok.state_dict(), optimizer=None, world=world.state_dict(),
                  rng=torch.get_rng_state())
@@ -306,7 +332,8 @@ def train_flow(run, tc, tok, model, ema, text_tok, world, state):
         img, captions, specs = world.batch(tc.flow_batch)
         ids = text_tok.encode(captions).to(run.dev, non_blocking=True)
         # image -> text lands on one phrasing per picture: the relation stated left/above-wise
-        ids_i2t = text_tok.encode([data.caption(data.normalize(s)) for s in specs]).to(run.dev, non_blocking=True)
+        i2t = [data.caption(data.normalize(s)) if s else c for s, c in zip(specs, captions)]
+        ids_i2t = text_tok.encode(i2t).to(run.dev, non_blocking=True)
         z_img = tok.latents(img).float()
         return net(ids, z_img, ids_i2t)
 
@@ -323,23 +350,28 @@ def train_flow(run, tc, tok, model, ema, text_tok, world, state):
                      optimizer=opt.state_dict(), world=world.state_dict(), rng=torch.get_rng_state(),
                      flow_seconds=time.time() - t_start)
         save_checkpoint(state, tc.out_dir)
-        if run.stop:
+        grid = os.path.join(tc.out_dir, f"samples_{step:06d}.png")
+        grid_prompts(tok, ema, text_tok, tc, run.dev, grid, world)
+        if run.stop or tc.data:  # the judge only knows the shapes world
             return
         res = evaluate(tok, ema, text_tok, tc, run.dev, tc.eval_prompts, directions=("t2i",))
         res.update(step=step, minutes=(time.time() - t_start) / 60)
         with open(os.path.join(tc.out_dir, "evals.jsonl"), "a") as f:
             f.write(json.dumps(res) + "\n")
         run.print(f"eval @ {step} ({res['minutes']:.1f} flow min): " + report(res))
-        grid_prompts(tok, ema, text_tok, tc, run.dev, os.path.join(tc.out_dir, f"samples_{step:06d}.png"))
 
     flops = model.flops() + tok.flops(train=False)  # + encoding the images with the frozen tokenizer
     fit(run, tc, "flow", model, loss_fn, tc.flow_steps, tc.flow_batch, tc.flow_lr, state, flops, on_step, on_save)
 
 
-def grid_prompts(tok, model, text_tok, tc, dev, path, n=16):
-    """A labelled grid: fixed prompts (seen and held-out) with the generated picture above each."""
-    specs = (data.eval_specs("seen", n // 4, seed=7) + data.eval_specs("heldout", n // 4, seed=7))[:n]
-    prompts = [data.caption(s) for s in specs]
+def grid_prompts(tok, model, text_tok, tc, dev, path, world, n=16):
+    """A labelled grid, the generated picture above each prompt: fixed shapes-world prompts (seen
+    and held-out), or captions from your data."""
+    if tc.data:
+        prompts = peek(world, n)[1]
+    else:
+        specs = (data.eval_specs("seen", n // 4, seed=7) + data.eval_specs("heldout", n // 4, seed=7))[:n]
+        prompts = [data.caption(s) for s in specs]
     save_grid(text_to_image(tok, model, text_tok, prompts, tc.sample_steps, tc.cfg_scale, tc.from_mean), prompts, path)
 
 
@@ -367,8 +399,7 @@ def main(argv=None):
         tok_cfg = ft.TokenizerConfig(**state["tok_cfg"])
         torch.set_rng_state(state["rng"])
         run.print(f"resuming from {tc.out_dir}/ckpt.pt: stage {state['stage']}, step {state['step']}")
-    # each rank draws its own data (an infinite procedural stream is sharded by seed)
-    world = data.ShapesWorld(tok_cfg.image_size, hold_out=tc.hold_out, seed=tc.seed + run.rank, device=run.dev)
+    world = make_world(tc, tok_cfg, run)
     if state.get("world"):
         world.load_state_dict(state["world"])
     tok = ft.ImageTokenizer(tok_cfg).to(run.dev)
@@ -383,7 +414,8 @@ def main(argv=None):
         train_tokenizer(run, tc, tok, world, state)
         run.print(f"tokenizer stage done in {(time.time() - t0) / 60:.1f} min")
         if run.master:
-            run.print("tokenizer reconstructions: " + report(evaluate_tokenizer(tok, run.dev, tc.final_prompts)))
+            res = evaluate_tokenizer(tok, run.dev, tc.final_prompts, None if not tc.data else peek(world, 256)[0])
+            run.print("tokenizer reconstructions: " + report(res))
     if tc.stage == "tokenizer":
         return
     if not state.get("tokenizer"):
@@ -393,8 +425,7 @@ def main(argv=None):
     if state.get("text_tokenizer"):
         text_tok = ft.TextTokenizer.from_state_dict(state["text_tokenizer"])
     elif tc.text_tokenizer == "bpe":
-        captions = [data.caption(s) for s in data.ShapesWorld(hold_out=tc.hold_out, seed=tc.seed).sample_specs(20000)]
-        text_tok = ft.TextTokenizer.train(captions, tok_cfg.num_tokens, tc.bpe_vocab)
+        text_tok = ft.TextTokenizer.train(world.captions(), tok_cfg.num_tokens, tc.bpe_vocab)
     else:
         text_tok = ft.TextTokenizer(tok_cfg.num_tokens, tc.text_tokenizer)
     state["text_tokenizer"] = text_tok.state_dict()
@@ -414,11 +445,17 @@ def main(argv=None):
     run.print(f"flow stage done; {(time.time() - t0) / 60:.1f} min so far")
     if not run.master:
         return
-    res = evaluate(tok, ema, text_tok, tc, run.dev, tc.final_prompts)
+    path = os.path.join(tc.out_dir, "samples_final.png")
+    grid_prompts(tok, ema, text_tok, tc, run.dev, path, world)
+    if tc.data:  # no judge for free text: reconstruction quality, and captions for a few of your images
+        img, caps, _ = peek(world, 8)
+        res = evaluate_tokenizer(tok, run.dev, 0, img)
+        for truth, said in zip(caps, image_to_text(tok, ema, text_tok, img, tc.sample_steps)):
+            print(f"image -> text: {said!r} (its caption: {truth!r})")
+    else:
+        res = evaluate(tok, ema, text_tok, tc, run.dev, tc.final_prompts)
     with open(os.path.join(tc.out_dir, "report.json"), "w") as f:
         json.dump(res, f, indent=1)
-    path = os.path.join(tc.out_dir, "samples_final.png")
-    grid_prompts(tok, ema, text_tok, tc, run.dev, path)
     print("final report:\n" + report(res, multiline=True))
     print(f"sample grid: {path}\ntotal time {(time.time() - t0) / 60:.1f} min")
 

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import sys
+import time
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -652,27 +653,35 @@ class CaptionedImages:
         self.pos += 1
         return int(self.order[self.pos - 1])
 
-    def batch(self, n):
-        """-> images (n, 3, S, S) float in [0, 1] on device, n captions, [None] * n (no judge for free text)."""
-        imgs, caps = [], []
-        while len(imgs) < n:
+    def _load(self, i):
+        """Image i as uint8 (3, S, S); None if it fails to decode now (it is skipped from then on)."""
+        try:
+            return self.cache[i] if i in self.cache else _resize_crop(_open_rgb(self.files[i], self.image_size),
+                                                                      self.image_size)
+        except ValueError as e:
+            print(f"warning: {e}: skipped from now on", file=sys.stderr)
+            self.bad.append(i)
+            self.skipped["unreadable image"] += 1
+            return None
+
+    def items(self, n, load=True):
+        """The next n (index, uint8 image or None when not load, caption) of the stream."""
+        out = []
+        while len(out) < n:
             i = self._next_index()
+            img = self._load(i) if (load and i not in self.bad) else None
             if i in self.bad:
                 continue
-            try:
-                img = self.cache[i] if i in self.cache else _resize_crop(_open_rgb(self.files[i], self.image_size),
-                                                                         self.image_size)
-            except ValueError as e:
-                print(f"warning: {e}: skipped from now on", file=sys.stderr)
-                self.bad.append(i)
-                self.skipped["unreadable image"] += 1
-                continue
-            imgs.append(img)
-            caps.append(self.caps[i][self.rng.integers(len(self.caps[i]))])
+            out.append((i, img, self.caps[i][self.rng.integers(len(self.caps[i]))]))
+        return out
+
+    def batch(self, n):
+        """-> images (n, 3, S, S) float in [0, 1] on device, n captions, [None] * n (no judge for free text)."""
+        _, imgs, caps = zip(*self.items(n))
         x = torch.stack(imgs)  # (n, 3, S, S) uint8: a quarter of float's bytes to move
         if self.device.type == "cuda":
             x = x.pin_memory()
-        return x.to(self.device, non_blocking=True).float() / 255, caps, [None] * n
+        return x.to(self.device, non_blocking=True).float() / 255, list(caps), [None] * n
 
     def state_dict(self):
         # plain ints, lists and one tensor: safe for weights_only loads
@@ -695,3 +704,47 @@ def open_dataset(path, image_size, seed=0, device="cpu", image_root=None, cache_
     ds = CaptionedImages(path, image_size, seed, device, image_root, cache_mb)
     print(ds.summary)
     return ds
+
+
+class LatentCache:
+    """Your dataset encoded once by the frozen tokenizer: every image's posterior mean and log-variance
+    (N, 2, K, C) in a memory-mapped float16 .npy, so the flow stage reads K x C numbers per image
+    instead of decoding and encoding pixels. FlowTok's own pipeline trains on such pre-tokenized
+    latents; the posterior is re-sampled at every use. Rebuilt when the data or tokenizer changes."""
+
+    def __init__(self, ds, path, tok, batch=256):
+        self.ds, self.path = ds, path
+        weights = sum(float(v.double().sum()) for v in tok.state_dict().values())
+        key = f"{ds.fingerprint}-{len(ds)}-{tok.cfg.num_tokens}x{tok.cfg.token_dim}-{weights:.10e}"
+        meta = path + ".json"
+        if not (os.path.exists(path) and os.path.exists(meta) and json.load(open(meta))["key"] == key):
+            self._build(tok, key, batch)
+        self.moments = np.load(path, mmap_mode="r")  # (N, 2, K, C) float16, paged in on demand
+        ds.bad = sorted(set(ds.bad) | set(json.load(open(meta))["bad"]))
+
+    @torch.no_grad()
+    def _build(self, tok, key, batch):
+        N, K, C = len(self.ds), tok.cfg.num_tokens, tok.cfg.token_dim
+        tmp = self.path + ".tmp.npy"
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(N, 2, K, C))
+        t0 = time.time()
+        for start in range(0, N, batch):
+            idx = range(start, min(N, start + batch))
+            loaded = [(i, img) for i in idx if (img := self.ds._load(i)) is not None]
+            if loaded:
+                x = torch.stack([img for _, img in loaded]).to(self.ds.device).float() / 255
+                mean, logvar = tok.encode(x)
+                out[[i for i, _ in loaded]] = torch.stack([mean, logvar], 1).cpu().numpy().astype(np.float16)
+            print(f"latent cache: {min(N, start + batch)}/{N} images encoded", end="\r", flush=True)
+        out.flush()
+        del out
+        os.replace(tmp, self.path)  # atomic: a half-written cache is never picked up
+        with open(self.path + ".json", "w") as f:
+            json.dump({"key": key, "bad": list(self.ds.bad)}, f)
+        print(f"latent cache: {N} images encoded in {time.time() - t0:.0f} s -> {self.path}")
+
+    def batch(self, n):
+        """-> posterior mean, logvar (n, K, C) on the device, n captions, [None] * n."""
+        idx, _, caps = zip(*self.ds.items(n, load=False))
+        m = torch.from_numpy(self.moments[np.array(idx)].astype(np.float32)).to(self.ds.device)  # (n, 2, K, C)
+        return m[:, 0], m[:, 1], list(caps), [None] * n

@@ -191,11 +191,13 @@ def wrap(text, width):
 # -----------------------------------------------------------------------------
 
 
-def sweep(tok, model, text_tok, ckpt_dir, n, dev):
+def sweep(tok, model, text_tok, ckpt_dir, n, dev, from_mean):
     """Accuracy vs Euler steps x CFG scale, and vs training minutes (from evals.jsonl)."""
     class T:  # evaluation settings, as train.py's config carries them
-        from_mean = False
-    print(f"text -> image judge accuracy, {n} prompts per family and split (overall seen / held-out; single seen)")
+        pass
+    T.from_mean = from_mean
+    print(f"text -> image judge accuracy, {n} prompts per family and split, source: "
+          f"{'text-latent mean' if from_mean else 'text-latent sample'}")
     print("| steps | cfg | seen overall | held-out overall | seen single | seen relation | seen count |")
     print("|---|---|---|---|---|---|---|")
     for steps in (1, 2, 4, 8, 20):
@@ -207,12 +209,13 @@ def sweep(tok, model, text_tok, ckpt_dir, n, dev):
                   f"{s['relation']:.3f} | {s['count']:.3f} |", flush=True)
     path = os.path.join(ckpt_dir, "evals.jsonl")
     if os.path.exists(path):
-        print("\naccuracy vs flow-training minutes (periodic evals logged by train.py, 20 steps, cfg as trained)")
-        print("| flow step | flow minutes | seen overall | held-out overall | seen single |\n|---|---|---|---|---|")
+        print("\naccuracy vs training minutes (periodic evaluations logged by train.py, with its sampling settings)")
+        print("| flow step | flow minutes | total minutes | seen overall | seen single | held-out overall |")
+        print("|---|---|---|---|---|---|")
         for line in open(path):
             r = json.loads(line)
-            print(f"| {r['step']} | {r['minutes']:.1f} | {r['t2i_seen']['overall']:.3f} | "
-                  f"{r['t2i_heldout']['overall']:.3f} | {r['t2i_seen']['single']:.3f} |")
+            print(f"| {r['step']} | {r['minutes']:.1f} | {r.get('total_minutes', float('nan')):.1f} | "
+                  f"{r['t2i_seen']['overall']:.3f} | {r['t2i_seen']['single']:.3f} | {r['t2i_heldout']['overall']:.3f} |")
 
 
 def main(argv=None):
@@ -249,7 +252,7 @@ def main(argv=None):
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     if a.sweep:
-        sweep(tok, model, text_tok, os.path.dirname(a.ckpt), a.sweep_prompts, dev)
+        sweep(tok, model, text_tok, os.path.dirname(a.ckpt), a.sweep_prompts, dev, a.from_mean)
     if prompts:
         with warnings.catch_warnings():
             warnings.simplefilter("always")

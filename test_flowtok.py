@@ -785,12 +785,35 @@ def test_train_and_sample_on_your_own_images_through_the_cli(tmp_path):
     rows.append({"file_name": "broken.png", "text": "nothing"})
     (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
-    r = run("train.py", "--preset=tiny", f"--data={tmp_path}", f"--out_dir={out}")
+    r = run("train.py", "--preset=tiny", f"--data={tmp_path}", f"--out_dir={out}", "--latent_cache")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "12 usable images with 12 captions (imagefolder); skipped 1 unreadable image" in r.stdout
+    assert "latent cache: 12 images encoded" in r.stdout and (out / "latents.npy").exists()
     assert "image -> text:" in r.stdout and "psnr" in r.stdout and (out / "samples_final.png").exists()
     r = run("sample.py", "--prompt", "a red picture", "--steps", "2", "--ckpt", str(out / "ckpt.pt"),
             "--out", str(tmp_path / "s.png"))
     assert r.returncode == 0, r.stderr[-2000:]
     r = run("train.py", "--preset=tiny", f"--data={tmp_path / 'nowhere'}", f"--out_dir={out}")
     assert r.returncode != 0 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_latent_cache_stores_the_posterior_and_is_reused(tmp_path, capsys):
+    for i, color in enumerate(["red", "green", "blue", "purple", "orange"]):
+        solid(tmp_path / f"{i}.png", color)
+        (tmp_path / f"{i}.txt").write_text(f"a {color} square")
+    ds = open_dataset(str(tmp_path), 32)
+    tok = ft.ImageTokenizer(TINY_TOK)
+    cache = data.LatentCache(ds, str(tmp_path / "lat.npy"), tok, batch=2)
+    assert cache.moments.shape == (5, 2, 6, 4)
+    imgs = torch.stack([ds._load(i) for i in range(5)]).float() / 255
+    mean, logvar = tok.encode(imgs)
+    assert torch.allclose(torch.from_numpy(cache.moments[:, 0].astype(np.float32)), mean, atol=2e-2, rtol=1e-2)
+    mean_b, logvar_b, caps, specs = cache.batch(7)
+    assert mean_b.shape == logvar_b.shape == (7, 6, 4) and len(caps) == 7 and specs == [None] * 7
+    capsys.readouterr()
+    data.LatentCache(ds, str(tmp_path / "lat.npy"), tok)  # same data, same tokenizer: reused
+    assert "encoded" not in capsys.readouterr().out
+    with torch.no_grad():
+        tok.to_moments.bias.add_(1.0)  # a different tokenizer: rebuilt
+    data.LatentCache(ds, str(tmp_path / "lat.npy"), tok)
+    assert "5 images encoded" in capsys.readouterr().out

@@ -37,6 +37,7 @@ class TrainConfig:
     resume: bool = False          # continue from out_dir/ckpt.pt
     data: str = ""                # your captioned images (imagefolder, .txt or COCO); empty: the shapes world
     image_root: str = ""          # COCO: the image folder, when it is not found next to the annotations
+    latent_cache: bool = False    # --data: encode the images once (out_dir/latents.npy, memory-mapped), train the flow on it
     hold_out: bool = True         # shapes world: keep the four held-out colour-shape pairs out of training
     text_tokenizer: str = "bpe"   # bpe (trained on the captions, offline) | gpt2 (needs tiktoken's cache)
     bpe_vocab: int = 512
@@ -304,11 +305,13 @@ def train_tokenizer(run, tc, tok, world, state):
     def on_save(step, opt):
         if run.master:
             state.update(stage="tokenizer", step=step, tokenizer=tok.state_dict(), optimizer=opt.state_dict(),
-                         world=world.state_dict(), rng=torch.get_rng_state())
+                         world=world.state_dict(), rng=torch.get_rng_state(), tok_seconds=time.time() - t_start)
             save_checkpoint(state, tc.out_dir)
 
+    t_start = time.time() - state.get("tok_seconds", 0.0)
     fit(run, tc, "tokenizer", tok, lambda net: net(world.batch(tc.tok_batch)[0]), tc.tok_steps, tc.tok_batch,
         tc.tok_lr, state, tok.flops(), on_save=on_save)
+    state["tok_seconds"] = time.time() - t_start
     # after training: scale latents to unit std for the flow (rank 0's factor for every rank)
     scale = tok.fit_scale([peek(world, 512)[0]])
     if run.ddp:
@@ -328,13 +331,19 @@ def train_flow(run, tc, tok, model, ema, text_tok, world, state):
     tok.eval().requires_grad_(False)
     t_start = time.time() - state.get("flow_seconds", 0.0)
 
+    cache = data.LatentCache(world, os.path.join(tc.out_dir, "latents.npy"), tok) if tc.latent_cache else None
+
     def loss_fn(net):
-        img, captions, specs = world.batch(tc.flow_batch)
+        if cache:  # pre-tokenized: re-sample the stored posterior
+            mean, logvar, captions, specs = cache.batch(tc.flow_batch)
+            z_img = ft.gaussian_sample(mean, logvar) * tok.scale_factor
+        else:
+            img, captions, specs = world.batch(tc.flow_batch)
+            z_img = tok.latents(img).float()
         ids = text_tok.encode(captions).to(run.dev, non_blocking=True)
         # image -> text lands on one phrasing per picture: the relation stated left/above-wise
         i2t = [data.caption(data.normalize(s)) if s else c for s, c in zip(specs, captions)]
         ids_i2t = text_tok.encode(i2t).to(run.dev, non_blocking=True)
-        z_img = tok.latents(img).float()
         return net(ids, z_img, ids_i2t)
 
     def on_step(step):
@@ -355,12 +364,13 @@ def train_flow(run, tc, tok, model, ema, text_tok, world, state):
         if run.stop or tc.data:  # the judge only knows the shapes world
             return
         res = evaluate(tok, ema, text_tok, tc, run.dev, tc.eval_prompts, directions=("t2i",))
-        res.update(step=step, minutes=(time.time() - t_start) / 60)
+        res.update(step=step, minutes=(time.time() - t_start) / 60, total_minutes=(
+            time.time() - t_start + state.get("tok_seconds", 0.0)) / 60)
         with open(os.path.join(tc.out_dir, "evals.jsonl"), "a") as f:
             f.write(json.dumps(res) + "\n")
         run.print(f"eval @ {step} ({res['minutes']:.1f} flow min): " + report(res))
 
-    flops = model.flops() + tok.flops(train=False)  # + encoding the images with the frozen tokenizer
+    flops = model.flops() + (0 if cache else tok.flops(train=False))  # + encoding images with the frozen tokenizer
     fit(run, tc, "flow", model, loss_fn, tc.flow_steps, tc.flow_batch, tc.flow_lr, state, flops, on_step, on_save)
 
 
@@ -392,6 +402,8 @@ def main(argv=None):
     tc, tok_cfg, flow_overrides = parse_args(argv)
     run = Run(tc)
     os.makedirs(tc.out_dir, exist_ok=True)
+    if run.master and not tc.resume and os.path.exists(os.path.join(tc.out_dir, "evals.jsonl")):
+        os.remove(os.path.join(tc.out_dir, "evals.jsonl"))  # a fresh run starts a fresh record
     t0 = time.time()
     state = {}
     if tc.resume:
@@ -400,6 +412,8 @@ def main(argv=None):
         torch.set_rng_state(state["rng"])
         run.print(f"resuming from {tc.out_dir}/ckpt.pt: stage {state['stage']}, step {state['step']}")
     world = make_world(tc, tok_cfg, run)
+    if tc.latent_cache and not tc.data:
+        sys.exit("error: --latent_cache needs --data: the shapes world is an endless stream, nothing to cache")
     if state.get("world"):
         world.load_state_dict(state["world"])
     tok = ft.ImageTokenizer(tok_cfg).to(run.dev)

@@ -486,8 +486,7 @@ class FlowConfig:
     i2t: str = "shared"         # image -> text: 'shared' (one model, direction embedding),
                                 # 'dedicated' (a second transformer), 'inverse' (no i2t training)
     i2t_weight: float = 1.0
-    i2t_frac: float = 0.25      # fraction of each batch that also trains image -> text (the cheaper
-                                # direction: it learns what is in a picture, not how to draw it)
+    i2t_frac: float = 0.5       # fraction of each batch that also trains image -> text
 
 
 class FlowTransformer(nn.Module):
@@ -581,13 +580,15 @@ class FlowTok(nn.Module):
         stats = {"fm": fm, "kl": kl, "align": align, "rec": rec,
                  "spread": mean.std(0).mean()}  # how different captions' latents are; ~0 = collapse
         if cfg.i2t != "inverse":
-            # image -> text: source the image latent, target the (detached) text-latent mean of the
-            # picture's one canonical phrasing. Detached, so this loss cannot move the text latents
-            # to make itself easy.
+            # image -> text: source the image latent, target a (detached) sample of the text latent of
+            # the picture's one canonical phrasing. A sample, not the mean: the path then ends in the
+            # noisy cloud the text decoder was trained on, rather than funnelling many images onto one
+            # point (a field that grows like 1/(1-t)). Detached, so this loss cannot move the text
+            # latents to make itself easy.
             n = max(1, int(B * cfg.i2t_frac))
             x0 = z_img[:n]
             with torch.no_grad():
-                x1 = self.text_encoder((ids if ids_i2t is None else ids_i2t)[:n])[0]
+                x1 = gaussian_sample(*self.text_encoder((ids if ids_i2t is None else ids_i2t)[:n]))
             t = sample_t(n, ids.device)
             v = self.velocity(interpolate(x0, x1, t), t, direction=1)
             stats["i2t"] = F.mse_loss(v, target_velocity(x0, x1))

@@ -42,12 +42,12 @@ class TrainConfig:
     text_tokenizer: str = "bpe"   # bpe (trained on the captions, offline) | gpt2 (needs tiktoken's cache)
     bpe_vocab: int = 512
     # tokenizer stage
-    tok_steps: int = 4000
+    tok_steps: int = 3600
     tok_batch: int = 32
     tok_lr: float = 2e-3
     # flow stage
-    flow_steps: int = 2400
-    flow_batch: int = 64
+    flow_steps: int = 1300
+    flow_batch: int = 128
     flow_lr: float = 6e-4
     ema_decay: float = 0.999
     # both stages
@@ -57,7 +57,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     # logging, evaluation, sampling
     log_interval: int = 50
-    eval_interval: int = 600      # steps between checkpoints; for the flow also evaluations and grids
+    eval_interval: int = 325      # steps between checkpoints; for the flow also evaluations and grids
     eval_prompts: int = 20        # per family and split, periodic evaluations
     final_prompts: int = 100      # per family and split, the final report
     sample_steps: int = 20        # Euler steps

@@ -52,7 +52,7 @@ def bench_variant(tc, tok_cfg, flow_overrides, compiled, bf16, iters):
         net = run.wrap(module)
 
         def step():
-            with run.autocast:
+            with run.autocast, run.attention():
                 loss, _ = loss_fn(net)
             loss.backward()
             opt.step()

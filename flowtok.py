@@ -212,14 +212,14 @@ def transformer_flops(tokens, width, depth):
 
 @dataclass
 class TokenizerConfig:
-    image_size: int = 64
-    patch_size: int = 8
+    image_size: int = 64        # pixels per side
+    patch_size: int = 8         # pixels per patch side: (image_size / patch_size)^2 patch tokens
     num_tokens: int = 16        # K, the latent sequence length (shared with the text side)
     token_dim: int = 8          # C, channels per latent token
-    width: int = 128
-    enc_depth: int = 3
-    dec_depth: int = 4
-    n_head: int = 4
+    width: int = 128            # ViT width, encoder and decoder
+    enc_depth: int = 3          # encoder blocks
+    dec_depth: int = 4          # decoder blocks
+    n_head: int = 4             # attention heads
     kl_weight: float = 1e-5     # tiny: keeps the latent bounded, not a prior to sample from
 
 
@@ -286,6 +286,7 @@ class ImageTokenizer(nn.Module):
         """Reconstruction + KL loss on a batch of images; returns (loss, stats)."""
         mean, logvar = self.encode(img)
         recon = self.decode(gaussian_sample(mean, logvar))
+        # MSE, not L1: tried here, L1 sat at the blank white image (its median pixel) for 1400+ steps
         mse = F.mse_loss(recon, img)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         return mse + self.cfg.kl_weight * kl, {"mse": mse, "kl": kl}
@@ -472,20 +473,20 @@ def text_kl(mean, logvar):
 @dataclass
 class FlowConfig:
     vocab_size: int = 512       # set from the text tokenizer at build time
-    num_tokens: int = 16        # K
-    token_dim: int = 8          # C
-    width: int = 256            # flow transformer
-    depth: int = 6
-    n_head: int = 4
-    text_width: int = 128       # text encoder and decoder
-    text_depth: int = 3
+    num_tokens: int = 16        # K (set from the tokenizer)
+    token_dim: int = 8          # C (set from the tokenizer)
+    width: int = 256            # flow transformer width
+    depth: int = 6              # flow transformer blocks
+    n_head: int = 4             # flow transformer attention heads
+    text_width: int = 128       # text encoder and decoder width
+    text_depth: int = 3         # text encoder and decoder blocks (each)
     kl_weight: float = 0.01     # text-latent KL (FlowTok code: 0.01 with the (0.3 mu)^6 prior)
     align_weight: float = 1.0   # contrastive text <-> image alignment (FlowTok: 1.0)
     decoder_weight: float = 1.0 # text decoder reconstruction cross-entropy
     cfg_prob: float = 0.1       # fraction of samples flagged "unconditional" (CFG indicator)
     i2t: str = "shared"         # image -> text: 'shared' (one model, direction embedding),
                                 # 'dedicated' (a second transformer), 'inverse' (no i2t training)
-    i2t_weight: float = 1.0
+    i2t_weight: float = 1.0     # image -> text flow loss
     i2t_frac: float = 0.5       # fraction of each batch that also trains image -> text
 
 
@@ -605,14 +606,19 @@ class FlowTok(nn.Module):
         return euler(lambda x, t: guided(self, x, t, cfg_scale), x0, steps)
 
     @torch.no_grad()
-    def caption_ids(self, z_img, steps=20):
-        """Image latents (B, K, C) -> token ids (B, K). 'inverse' integrates the text->image field
-        backwards from t=1 to t=0 (no image->text training at all)."""
-        if self.cfg.i2t == "inverse":
+    def caption_ids(self, z_img, steps=20, inverse=None, generator=None):
+        """Image latents (B, K, C) -> token ids (B, K). inverse (the default for i2t='inverse', a
+        switch for any model) integrates the text->image field backwards from t=1 to t=0 instead,
+        with no image->text training at all. With a generator, tokens are drawn from the decoder's
+        distribution instead of taking the most likely one (alternative captions)."""
+        if self.cfg.i2t == "inverse" if inverse is None else inverse:
             z_txt = euler(lambda x, t: self.velocity(x, t, direction=0), z_img, steps, 1.0, 0.0)
         else:
             z_txt = euler(lambda x, t: self.velocity(x, t, direction=1), z_img, steps)
-        return self.text_decoder(z_txt).argmax(-1)
+        logits = self.text_decoder(z_txt)  # (B, K, vocab)
+        if generator is None:
+            return logits.argmax(-1)
+        return torch.multinomial(logits.softmax(-1).flatten(0, 1), 1, generator=generator).view(logits.shape[:2])
 
 # -----------------------------------------------------------------------------
 # Euler ODE sampler with classifier-free guidance

@@ -15,6 +15,7 @@ import json
 import math
 import argparse
 import warnings
+from types import SimpleNamespace
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -82,11 +83,11 @@ def text_to_image(tok, model, text_tok, prompts, steps=20, cfg_scale=2.0, from_m
 
 
 @torch.no_grad()
-def image_to_text(tok, model, text_tok, images, steps=20, batch=256):
-    """images (B, 3, S, S) in [0, 1] -> list of B captions."""
+def image_to_text(tok, model, text_tok, images, steps=20, inverse=None, generator=None, batch=256):
+    """images (B, 3, S, S) in [0, 1] -> list of B captions (see FlowTok.caption_ids)."""
     out = []
     for i in range(0, len(images), batch):
-        ids = model.caption_ids(tok.latents(images[i:i + batch], sample=False), steps)
+        ids = model.caption_ids(tok.latents(images[i:i + batch], sample=False), steps, inverse, generator)
         out += [text_tok.decode(x) for x in ids]
     return out
 
@@ -101,7 +102,7 @@ def eval_images(tok, specs, seed=4321):
 
 
 @torch.no_grad()
-def evaluate(tok, model, text_tok, tc, dev, n, directions=("t2i", "i2t")):
+def evaluate(tok, model, text_tok, tc, dev, n, directions=("t2i", "i2t"), inverse=None):
     """Judge accuracy per family on the seen and held-out splits (n prompts per family each):
     text -> image, and (with 'i2t') image -> text, both round trips, and the text decoder's
     exact-match round trip decode(encode(caption))."""
@@ -113,10 +114,10 @@ def evaluate(tok, model, text_tok, tc, dev, n, directions=("t2i", "i2t")):
         res[f"t2i_{split}"] = data.accuracy(data.judge_images(imgs, specs), specs)
         if "i2t" not in directions:
             continue
-        caps = image_to_text(tok, model, text_tok, eval_images(tok, specs), tc.sample_steps)
+        caps = image_to_text(tok, model, text_tok, eval_images(tok, specs), tc.sample_steps, inverse)
         res[f"i2t_{split}"] = data.accuracy(data.judge_captions(caps, specs), specs)
         # text -> image -> text: is the caption of the generated image the prompt?
-        back = image_to_text(tok, model, text_tok, imgs, tc.sample_steps)
+        back = image_to_text(tok, model, text_tok, imgs, tc.sample_steps, inverse)
         res[f"t2i2t_{split}"] = data.accuracy(data.judge_captions(back, specs), specs)
         # image -> text -> image: does the picture drawn from the caption pass for the original spec?
         with warnings.catch_warnings():  # the captions are model output: over-long ones are just wrong
@@ -193,17 +194,14 @@ def wrap(text, width):
 
 def sweep(tok, model, text_tok, ckpt_dir, n, dev, from_mean):
     """Accuracy vs Euler steps x CFG scale, and vs training minutes (from evals.jsonl)."""
-    class T:  # evaluation settings, as train.py's config carries them
-        pass
-    T.from_mean = from_mean
     print(f"text -> image judge accuracy, {n} prompts per family and split, source: "
           f"{'text-latent mean' if from_mean else 'text-latent sample'}")
     print("| steps | cfg | seen overall | held-out overall | seen single | seen relation | seen count |")
     print("|---|---|---|---|---|---|---|")
     for steps in (1, 2, 4, 8, 20):
         for cfg in (1.0, 2.0, 3.0):
-            T.sample_steps, T.cfg_scale = steps, cfg
-            r = evaluate(tok, model, text_tok, T, dev, n, directions=("t2i",))
+            settings = SimpleNamespace(sample_steps=steps, cfg_scale=cfg, from_mean=from_mean)
+            r = evaluate(tok, model, text_tok, settings, dev, n, directions=("t2i",))
             s, h = r["t2i_seen"], r["t2i_heldout"]
             print(f"| {steps} | {cfg:g} | {s['overall']:.3f} | {h['overall']:.3f} | {s['single']:.3f} | "
                   f"{s['relation']:.3f} | {s['count']:.3f} |", flush=True)
@@ -231,7 +229,10 @@ def main(argv=None):
     p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py")
     p.add_argument("--out", default="samples.png", help="output PNG grid")
     p.add_argument("--sweep", action="store_true", help="print judge accuracy vs steps and CFG scale")
-    p.add_argument("--sweep_prompts", type=int, default=50, help="prompts per family and split in --sweep")
+    p.add_argument("--sweep_prompts", type=int, default=50, help="prompts per family and split in --sweep / --eval")
+    p.add_argument("--eval", action="store_true", help="judge both directions and both round trips (a report)")
+    p.add_argument("--inverse", action="store_true",
+                   help="image -> text by running the text -> image field backwards (works for any model)")
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
     prompts = list(a.prompt)
@@ -241,8 +242,8 @@ def main(argv=None):
         prompts += [l.strip() for l in open(a.prompts_file, encoding="utf-8", errors="replace") if l.strip()]
     if any(not x.strip() for x in a.prompt):
         sys.exit("error: empty prompt: give a caption, e.g. --prompt \"a small red circle\"")
-    if not (prompts or a.image or a.sweep):
-        sys.exit("error: nothing to do: give --prompt TEXT, --prompts_file FILE, --image PATH or --sweep")
+    if not (prompts or a.image or a.sweep or a.eval):
+        sys.exit("error: nothing to do: give --prompt TEXT, --prompts_file FILE, --image PATH, --sweep or --eval")
     if a.steps < 1 or a.num_samples < 1:
         sys.exit("error: --steps and --num_samples must be at least 1")
     dev = torch.device(a.device if a.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
@@ -251,6 +252,9 @@ def main(argv=None):
         tok, model, text_tok = load_models(a.ckpt, dev)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
+    if a.eval:
+        settings = SimpleNamespace(sample_steps=a.steps, cfg_scale=a.cfg, from_mean=a.from_mean)
+        print(report(evaluate(tok, model, text_tok, settings, dev, a.sweep_prompts, inverse=a.inverse or None), True))
     if a.sweep:
         sweep(tok, model, text_tok, os.path.dirname(a.ckpt), a.sweep_prompts, dev, a.from_mean)
     if prompts:
@@ -270,7 +274,11 @@ def main(argv=None):
                 print(f"error: {e}", file=sys.stderr)
                 failed += 1
                 continue
-            caps = image_to_text(tok, model, text_tok, img[None].expand(a.num_samples, -1, -1, -1), a.steps)
+            caps = image_to_text(tok, model, text_tok, img[None], a.steps, a.inverse)
+            if a.num_samples > 1:  # alternatives: tokens drawn from the decoder instead of the most likely
+                g = torch.Generator(dev).manual_seed(a.seed)
+                caps += image_to_text(tok, model, text_tok, img[None].expand(a.num_samples - 1, -1, -1, -1), a.steps,
+                                      a.inverse, g)
             print(f"{path}: " + " | ".join(dict.fromkeys(caps)))
         if failed:
             sys.exit(1)

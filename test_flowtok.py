@@ -246,6 +246,17 @@ def test_same_seed_same_samples():
     c = model.generate(ids, 4, 2.0, generator=torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.allclose(a, c)
     assert torch.equal(model.generate(ids, 4, from_mean=True), model.generate(ids, 4, from_mean=True))
+    z = torch.randn(3, 6, 4)
+    drawn = [model.caption_ids(z, 3, generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], drawn[2])
+    assert torch.equal(model.caption_ids(z, 3), model.caption_ids(z, 3))
+
+
+def test_inverse_captioning_runs_the_text_to_image_field_backwards():
+    model, z = perturbed(tiny_flow(300)), torch.randn(3, 6, 4)
+    back = ft.euler(lambda x, t: model.velocity(x, t, direction=0), z, 3, 1.0, 0.0)
+    assert torch.equal(model.caption_ids(z, 3, inverse=True), model.text_decoder(back).argmax(-1))
+    assert not torch.equal(model.caption_ids(z, 3, inverse=True), model.caption_ids(z, 3))
 
 
 @pytest.mark.parametrize("i2t", ["shared", "dedicated", "inverse"])
@@ -327,6 +338,17 @@ def test_sample_cli_image_to_text_any_image(trained, tmp_path):
         assert p + ":" in r.stdout
     assert "missing.png: no such file" in r.stderr and "notes.txt: not a readable image" in r.stderr
     assert "Traceback" not in r.stderr
+    r = run("sample.py", "--image", paths[0], "--num_samples", "3", "--inverse", "--steps", "2",
+            "--ckpt", str(out / "ckpt.pt"))
+    assert r.returncode == 0 and r.stdout.startswith(paths[0] + ":")
+
+
+def test_sample_cli_eval_report(trained):
+    out, _ = trained
+    r = run("sample.py", "--eval", "--sweep_prompts", "1", "--steps", "2", "--ckpt", str(out / "ckpt.pt"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    for key in ("t2i_seen", "i2t_heldout", "t2i2t_seen", "i2t2i_heldout", "text_roundtrip_seen"):
+        assert key in r.stdout
 
 
 def test_sample_cli_errors(trained, tmp_path):
@@ -342,6 +364,16 @@ def test_sample_cli_errors(trained, tmp_path):
     r = run("sample.py", "--prompt", "a red circle " * 20, "--steps", "1", "--ckpt", str(out / "ckpt.pt"),
             "--out", str(tmp_path / "long.png"))
     assert r.returncode == 0 and "truncated" in r.stderr
+
+
+def test_sdpa_kernel_switch_gives_the_same_attention():
+    import train
+    from types import SimpleNamespace
+    attn, x = ft.Attention(32, 4), torch.randn(2, 7, 32)
+    reference = attn(x)  # PyTorch's own choice of kernel
+    for kernel in ("math", "flash"):
+        with train.Run.attention(SimpleNamespace(sdpa=kernel)):
+            assert torch.allclose(attn(x), reference, atol=1e-5)
 
 
 def test_train_cli_help_and_bad_flags():

@@ -14,7 +14,9 @@ import sys
 import json
 import time
 import copy
+import re
 import signal
+import inspect
 import argparse
 import dataclasses
 from contextlib import nullcontext
@@ -31,33 +33,33 @@ from sample import (save_checkpoint, load_checkpoint, evaluate, evaluate_tokeniz
 class TrainConfig:
     preset: str = "auto"          # auto: 'gpu' on CUDA, 'cpu' otherwise
     stage: str = "all"            # all | tokenizer | flow
-    out_dir: str = "out"
+    out_dir: str = "out"          # checkpoint, sample grids, evaluations
     device: str = "auto"          # auto: cuda -> mps -> cpu
-    seed: int = 1337
+    seed: int = 1337              # weights, data order and noise
     resume: bool = False          # continue from out_dir/ckpt.pt
     data: str = ""                # your captioned images (imagefolder, .txt or COCO); empty: the shapes world
     image_root: str = ""          # COCO: the image folder, when it is not found next to the annotations
     latent_cache: bool = False    # --data: encode the images once (out_dir/latents.npy, memory-mapped), train the flow on it
     hold_out: bool = True         # shapes world: keep the four held-out colour-shape pairs out of training
     text_tokenizer: str = "bpe"   # bpe (trained on the captions, offline) | gpt2 (needs tiktoken's cache)
-    bpe_vocab: int = 512
+    bpe_vocab: int = 512          # BPE vocabulary size at most (merges stop when no pair repeats)
     # tokenizer stage
-    tok_steps: int = 3600
-    tok_batch: int = 32
-    tok_lr: float = 2e-3
+    tok_steps: int = 3600         # tokenizer optimizer steps
+    tok_batch: int = 32           # tokenizer images per step (per rank, per micro-step)
+    tok_lr: float = 2e-3          # tokenizer peak learning rate
     # flow stage
-    flow_steps: int = 1300
-    flow_batch: int = 128
-    flow_lr: float = 6e-4
-    ema_decay: float = 0.999
+    flow_steps: int = 950         # flow optimizer steps
+    flow_batch: int = 128         # flow (caption, image) pairs per step (per rank, per micro-step)
+    flow_lr: float = 6e-4         # flow peak learning rate
+    ema_decay: float = 0.999      # EMA of the flow model (what gets sampled); warmed up as (1+step)/(10+step)
     # both stages
     warmup: int = 100             # linear warm-up steps
     cooldown: float = 0.2         # fraction of steps at the end with a linear decay to 0 (worth +3 dB)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    weight_decay: float = 0.0     # AdamW weight decay (matrices only)
+    grad_clip: float = 1.0        # gradient norm clip
     # logging, evaluation, sampling
-    log_interval: int = 50
-    eval_interval: int = 325      # steps between checkpoints; for the flow also evaluations and grids
+    log_interval: int = 50        # steps between log lines
+    eval_interval: int = 250      # steps between checkpoints; for the flow also evaluations and grids
     eval_prompts: int = 20        # per family and split, periodic evaluations
     final_prompts: int = 100      # per family and split, the final report
     sample_steps: int = 20        # Euler steps
@@ -68,6 +70,7 @@ class TrainConfig:
     fp16: str = "True"            # CUDA without bf16: fp16 autocast + GradScaler
     compile: str = "auto"         # torch.compile; auto: on for CUDA (--compile=False on Windows / to debug)
     tf32: bool = True             # TF32 matmuls on CUDA
+    sdpa: str = "auto"            # attention kernel: auto (PyTorch picks; flash on recent GPUs) | flash | efficient | math
     grad_accum: int = 1           # micro-steps per optimizer step
     peak_tflops: float = 0.0      # for MFU; 0 = 989 (H100/H200 bf16 dense) on CUDA, not shown elsewhere
 
@@ -106,19 +109,25 @@ def str2bool(s):
     raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
 
 
+def field_help(cls):
+    """The comment after each field of a config dataclass: its --help text (one source of truth)."""
+    return {m[1]: m[2] for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M)}
+
+
 def add_fields(parser, cls, prefix, title):
     """One flag per dataclass field: --name=value (booleans also as a bare --name)."""
     group = parser.add_argument_group(title)
+    helps = field_help(cls)
     for f in dataclasses.fields(cls):
         name = getattr(f.type, "__name__", f.type)
         extra = {"nargs": "?", "const": True} if name == "bool" else {}
         group.add_argument(f"--{prefix}{f.name}", type=str2bool if name == "bool" else f.type, default=None,
-                           metavar=name, help=f"default {f.default!r}", **extra)
+                           metavar=name, help=f"{helps.get(f.name, '')} (default {f.default!r})", **extra)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train nano FlowTok on the shapes world.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Train nano FlowTok (tokenizer, then text side and flow). Settings: "
+                                "the defaults below, then the preset's overrides, then the command line.")
     add_fields(p, TrainConfig, "", "training (presets: " + ", ".join(PRESETS) + ")")
     add_fields(p, ft.TokenizerConfig, "tok.", "image tokenizer")
     add_fields(p, ft.FlowConfig, "flow.", "text encoder/decoder and flow transformer")
@@ -168,10 +177,13 @@ class Run:
         self.autocast = torch.autocast(dev.type, dtype=dtype) if (self.bf16 or self.fp16) else nullcontext()
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.fp16)
         self.compile = dev.type == "cuda" if tc.compile == "auto" else str2bool(tc.compile)
+        if tc.sdpa not in ("auto", "flash", "efficient", "math"):
+            sys.exit(f"error: --sdpa must be auto, flash, efficient or math, not {tc.sdpa!r}")
+        self.sdpa = tc.sdpa
         self.peak = (tc.peak_tflops or (989.0 if dev.type == "cuda" else 0.0)) * 1e12
         self.stop = False  # set by Ctrl-C; the loop saves a checkpoint at the next step boundary
         self.print(f"device {dev} | preset {tc.preset} | bf16 {self.bf16} | fp16 {self.fp16} | compile {self.compile} "
-                   f"| tf32 {tc.tf32} | threads {torch.get_num_threads()} | ranks {self.world_size}")
+                   f"| tf32 {tc.tf32} | sdpa {tc.sdpa} | threads {torch.get_num_threads()} | ranks {self.world_size}")
 
     def interrupt(self, *_):
         """Ctrl-C: finish the current step, save, exit. A second Ctrl-C stops at once."""
@@ -179,6 +191,14 @@ class Run:
             raise KeyboardInterrupt
         self.stop = True
         self.print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to quit without saving)")
+
+    def attention(self):
+        """The SDPA kernel for the model's attention: a fresh context each step."""
+        if self.sdpa == "auto":
+            return nullcontext()
+        from torch.nn.attention import sdpa_kernel, SDPBackend
+        return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                            "math": SDPBackend.MATH}[self.sdpa])
 
     def print(self, *args):
         if self.master:
@@ -257,7 +277,7 @@ def fit(run, tc, stage, model, loss_fn, steps, batch, lr, state, flops_per_sampl
             # under DDP, all-reduce the gradients only on the last micro-step
             sync = nullcontext() if (not run.ddp or micro == accum - 1) else net.no_sync()
             with sync:
-                with run.autocast:
+                with run.autocast, run.attention():
                     loss, stats = loss_fn(net)
                 check_finite(loss, stage, step)
                 run.scaler.scale(loss / accum).backward()

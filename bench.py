@@ -93,7 +93,7 @@ def main():
                         "(default: all four on CUDA, eager-fp32 and eager-bf16 elsewhere)")
     p.add_argument("--iters", type=int, default=10, help="timed iterations per measurement (median)")
     args, rest = p.parse_known_args()
-    tc, tok_cfg, flow_overrides = train.parse_args(rest)
+    tc, tok_cfg, flow_overrides, _ = train.parse_args(rest)
     cuda = torch.cuda.is_available() and tc.device in ("auto", "cuda")
     variants = args.variants.split(",") if args.variants else \
         (["eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16"] if cuda else ["eager-fp32", "eager-bf16"])

@@ -14,6 +14,7 @@ import sys
 import json
 import math
 import argparse
+import dataclasses
 import warnings
 from types import SimpleNamespace
 
@@ -54,15 +55,24 @@ def load_checkpoint(path, device="cpu"):
                               "it is damaged or not one of ours: retrain or pick another --ckpt") from None
 
 
+def saved_config(cls, d, path):
+    """A config dataclass from a checkpoint; settings this version does not know are a one-line error."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise CheckpointError(f"{path} was written by another version of nano FlowTok (unknown {cls.__name__} "
+                              f"settings: {', '.join(sorted(unknown))}): retrain, or use that version")
+    return cls(**d)
+
+
 def load_models(path, device):
     """Checkpoint -> (tokenizer, EMA flow model, text tokenizer), ready to sample."""
     state = load_checkpoint(path, device)
     if not state.get("ema"):
         raise CheckpointError(f"{path} has no trained flow yet (stage {state.get('stage')!r}): "
                               "finish training: python train.py --resume")
-    tok = ft.ImageTokenizer(ft.TokenizerConfig(**state["tok_cfg"])).to(device)
+    tok = ft.ImageTokenizer(saved_config(ft.TokenizerConfig, state["tok_cfg"], path)).to(device)
     tok.load_state_dict(state["tokenizer"])
-    model = ft.FlowTok(ft.FlowConfig(**state["flow_cfg"])).to(device)
+    model = ft.FlowTok(saved_config(ft.FlowConfig, state["flow_cfg"], path)).to(device)
     model.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in state["ema"].items()})
     text_tok = ft.TextTokenizer.from_state_dict(state["text_tokenizer"])
     return tok.eval(), model.eval(), text_tok

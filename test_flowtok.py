@@ -376,6 +376,17 @@ def test_sdpa_kernel_switch_gives_the_same_attention():
             assert torch.allclose(attn(x), reference, atol=1e-5)
 
 
+def test_checkpoint_from_another_config_is_a_one_line_error(trained, tmp_path):
+    out, _ = trained
+    r = run("train.py", "--preset=tiny", "--resume", "--flow.width=64", f"--out_dir={out}")
+    assert r.returncode != 0 and "was trained with --flow.width=32, not 64" in r.stderr
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    state["tok_cfg"]["some_future_setting"] = 1
+    torch.save(state, tmp_path / "future.pt")
+    r = run("sample.py", "--prompt", "a red circle", "--ckpt", str(tmp_path / "future.pt"))
+    assert r.returncode != 0 and "another version of nano FlowTok" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_train_cli_help_and_bad_flags():
     r = run("train.py", "-h")
     assert r.returncode == 0 and "--tok.width" in r.stdout and "--flow.cfg_prob" in r.stdout and "--resume" in r.stdout

@@ -26,7 +26,7 @@ import torch
 import flowtok as ft
 import data
 from sample import (save_checkpoint, load_checkpoint, evaluate, evaluate_tokenizer, report, save_grid,
-                    text_to_image, image_to_text, CheckpointError)
+                    text_to_image, image_to_text, saved_config, CheckpointError)
 
 
 @dataclasses.dataclass
@@ -143,7 +143,7 @@ def parse_args(argv=None):
     tc = TrainConfig(**{k: v for k, v in settings.items() if "." not in k})
     if tc.stage not in ("all", "tokenizer", "flow"):
         p.error(f"--stage must be all, tokenizer or flow, not {tc.stage!r}")
-    return tc, ft.TokenizerConfig(**split("tok.")), split("flow.")
+    return tc, ft.TokenizerConfig(**split("tok.")), split("flow."), cli
 
 # -----------------------------------------------------------------------------
 # device, precision, compile, DDP: every speed switch is set here, once
@@ -405,6 +405,16 @@ def grid_prompts(tok, model, text_tok, tc, dev, path, world, n=16):
     save_grid(text_to_image(tok, model, text_tok, prompts, tc.sample_steps, tc.cfg_scale, tc.from_mean), prompts, path)
 
 
+def check_same_model(cli, state, path):
+    """--resume with a model setting that differs from the checkpoint's is a one-line error."""
+    saved = {f"tok.{k}": v for k, v in state["tok_cfg"].items()}
+    saved.update({f"flow.{k}": v for k, v in state.get("flow_cfg", {}).items()})
+    for key, value in cli.items():
+        if key in saved and saved[key] != value:
+            sys.exit(f"error: {path} was trained with --{key}={saved[key]}, not {value}: "
+                     "drop the flag to resume it, or train anew in another --out_dir")
+
+
 def check_ranks_in_sync(run, *models):
     """DDP keeps replicas identical; verify it once at the end (one all-gather of a checksum of
     every weight and buffer)."""
@@ -419,7 +429,7 @@ def check_ranks_in_sync(run, *models):
 
 
 def main(argv=None):
-    tc, tok_cfg, flow_overrides = parse_args(argv)
+    tc, tok_cfg, flow_overrides, cli = parse_args(argv)
     run = Run(tc)
     os.makedirs(tc.out_dir, exist_ok=True)
     if run.master and not tc.resume and os.path.exists(os.path.join(tc.out_dir, "evals.jsonl")):
@@ -427,8 +437,10 @@ def main(argv=None):
     t0 = time.time()
     state = {}
     if tc.resume:
-        state = load_checkpoint(os.path.join(tc.out_dir, "ckpt.pt"))
-        tok_cfg = ft.TokenizerConfig(**state["tok_cfg"])
+        path = os.path.join(tc.out_dir, "ckpt.pt")
+        state = load_checkpoint(path)
+        tok_cfg = saved_config(ft.TokenizerConfig, state["tok_cfg"], path)
+        check_same_model(cli, state, path)
         torch.set_rng_state(state["rng"])
         run.print(f"resuming from {tc.out_dir}/ckpt.pt: stage {state['stage']}, step {state['step']}")
     world = make_world(tc, tok_cfg, run)

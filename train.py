@@ -264,6 +264,7 @@ def fit(run, tc, stage, model, loss_fn, steps, batch, lr, state, flops_per_sampl
     if state.get("stage") == stage and state.get("optimizer"):
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
+        torch.set_rng_state(state["rng"])  # here, after every model was built: init draws from it too
     net = run.wrap(model)
     accum = tc.grad_accum
     run.print(f"{stage}: {steps} steps, effective batch {batch} x {accum} accumulation x {run.world_size} ranks "
@@ -441,7 +442,6 @@ def main(argv=None):
         state = load_checkpoint(path)
         tok_cfg = saved_config(ft.TokenizerConfig, state["tok_cfg"], path)
         check_same_model(cli, state, path)
-        torch.set_rng_state(state["rng"])
         run.print(f"resuming from {tc.out_dir}/ckpt.pt: stage {state['stage']}, step {state['step']}")
     world = make_world(tc, tok_cfg, run)
     if tc.latent_cache and not tc.data:

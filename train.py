@@ -446,8 +446,12 @@ def main(argv=None):
     world = make_world(tc, tok_cfg, run)
     if tc.latent_cache and not tc.data:
         sys.exit("error: --latent_cache needs --data: the shapes world is an endless stream, nothing to cache")
-    if state.get("world"):
+    if state.get("world") and state.get("data", "") == tc.data:
         world.load_state_dict(state["world"])
+    elif state.get("world"):  # e.g. a tokenizer trained on the shapes world, continued on your images
+        run.print(f"note: the checkpoint was trained on {state.get('data') or 'the shapes world'}; "
+                  f"continuing on {tc.data or 'the shapes world'} from the start of its data order")
+    state["data"] = tc.data
     tok = ft.ImageTokenizer(tok_cfg).to(run.dev)
     run.print(f"image tokenizer: {ft.param_count(tok) / 1e6:.2f}M parameters, "
               f"{tok_cfg.num_tokens} x {tok_cfg.token_dim} latent")

@@ -439,6 +439,14 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
         assert all(torch.equal(wa[part][k], wb[part][k]) for k in wa[part]), part
 
 
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    r = run("train.py", "--preset=tiny", "--flow_lr=1e30", f"--out_dir={tmp_path}")
+    assert r.returncode != 0 and "loss became" in r.stderr and "Traceback" not in r.stderr
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert state["stage"] == "flow" and state["step"] == 0  # the tokenizer stage's, intact
+    assert all(torch.isfinite(v).all() for v in state["tokenizer"].values())
+
+
 def test_atomic_save_keeps_previous_checkpoint_on_failure(tmp_path, monkeypatch):
     from sample import save_checkpoint, load_checkpoint
     save_checkpoint({"step": 1, "w": torch.ones(3)}, tmp_path)

@@ -280,7 +280,6 @@ def fit(run, tc, stage, model, loss_fn, steps, batch, lr, state, flops_per_sampl
             with sync:
                 with run.autocast, run.attention():
                     loss, stats = loss_fn(net)
-                check_finite(loss, stage, step)
                 run.scaler.scale(loss / accum).backward()
         run.scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -289,10 +288,14 @@ def fit(run, tc, stage, model, loss_fn, steps, batch, lr, state, flops_per_sampl
         opt.zero_grad(set_to_none=True)
         if on_step:
             on_step(step)
-        if (step + 1) % tc.log_interval == 0 or step + 1 == steps:
-            log.line(step, {"loss": loss, **stats})
         step += 1
-        if (step % tc.eval_interval == 0 or step == steps or run.stop) and on_save:
+        logging = step % tc.log_interval == 0 or step == steps
+        saving = (step % tc.eval_interval == 0 or step == steps or run.stop) and on_save
+        if logging or saving:  # checking the loss syncs a GPU: only here, and always before a save
+            check_finite(loss, stage, step)
+        if logging:
+            log.line(step - 1, {"loss": loss, **stats})
+        if saving:
             on_save(step, opt)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if run.stop:

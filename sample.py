@@ -5,6 +5,7 @@ Sample from a trained nano FlowTok.
     python sample.py --prompts_file prompts.txt --num_samples 8 --cfg 3
     python sample.py --image photo.png --image other.jpg                       # image -> text
     python sample.py --sweep                # judge accuracy vs Euler steps and CFG scale (table)
+    python sample.py --eval [--inverse]     # judge both directions and both round trips
 
 Also home of what train.py shares with it: checkpoint I/O, evaluation with the judge, grids.
 """

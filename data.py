@@ -725,7 +725,7 @@ class LatentCache:
     @torch.no_grad()
     def _build(self, tok, key, batch):
         N, K, C = len(self.ds), tok.cfg.num_tokens, tok.cfg.token_dim
-        tmp = self.path + ".tmp.npy"
+        tmp = f"{self.path}.{os.getpid()}.tmp.npy"  # per process: DDP ranks may build it at the same time
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(N, 2, K, C))
         t0 = time.time()
         for start in range(0, N, batch):
@@ -739,8 +739,9 @@ class LatentCache:
         out.flush()
         del out
         os.replace(tmp, self.path)  # atomic: a half-written cache is never picked up
-        with open(self.path + ".json", "w") as f:
+        with open(f"{tmp}.json", "w") as f:
             json.dump({"key": key, "bad": list(self.ds.bad)}, f)
+        os.replace(f"{tmp}.json", self.path + ".json")
         print(f"latent cache: {N} images encoded in {time.time() - t0:.0f} s -> {self.path}")
 
     def batch(self, n):

@@ -582,10 +582,10 @@ class FlowTok(nn.Module):
                  "spread": mean.std(0).mean()}  # how different captions' latents are; ~0 = collapse
         if cfg.i2t != "inverse":
             # image -> text: source the image latent, target a (detached) sample of the text latent of
-            # the picture's one canonical phrasing. A sample, not the mean: the path then ends in the
-            # noisy cloud the text decoder was trained on, rather than funnelling many images onto one
-            # point (a field that grows like 1/(1-t)). Detached, so this loss cannot move the text
-            # latents to make itself easy.
+            # the picture's one canonical phrasing: the path ends in the noisy cloud the text decoder
+            # was trained on, instead of funnelling many images onto the mean (a field that grows like
+            # 1/(1-t)). Whether that beats targeting the mean is not settled (README, Image -> text).
+            # Detached, so this loss cannot move the text latents to make itself easy.
             n = max(1, int(B * cfg.i2t_frac))
             x0 = z_img[:n]
             with torch.no_grad():

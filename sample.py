@@ -285,11 +285,12 @@ def main(argv=None):
                 print(f"error: {e}", file=sys.stderr)
                 failed += 1
                 continue
-            caps = image_to_text(tok, model, text_tok, img[None], a.steps, a.inverse)
+            inverse = a.inverse or None  # None: the model's own way (its i2t mode)
+            caps = image_to_text(tok, model, text_tok, img[None], a.steps, inverse)
             if a.num_samples > 1:  # alternatives: tokens drawn from the decoder instead of the most likely
                 g = torch.Generator(dev).manual_seed(a.seed)
                 caps += image_to_text(tok, model, text_tok, img[None].expand(a.num_samples - 1, -1, -1, -1), a.steps,
-                                      a.inverse, g)
+                                      inverse, g)
             print(f"{path}: " + " | ".join(dict.fromkeys(caps)))
         if failed:
             sys.exit(1)

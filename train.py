@@ -383,9 +383,10 @@ def train_flow(run, tc, tok, model, ema, text_tok, world, state):
                      optimizer=opt.state_dict(), world=world.state_dict(), rng=torch.get_rng_state(),
                      flow_seconds=time.time() - t_start)
         save_checkpoint(state, tc.out_dir)
-        grid = os.path.join(tc.out_dir, f"samples_{step:06d}.png")
-        grid_prompts(tok, ema, text_tok, tc, run.dev, grid, world)
-        if run.stop or tc.data:  # the judge only knows the shapes world
+        if run.stop:  # Ctrl-C: saved, nothing more
+            return
+        grid_prompts(tok, ema, text_tok, tc, run.dev, os.path.join(tc.out_dir, f"samples_{step:06d}.png"), world)
+        if tc.data:  # the judge only knows the shapes world
             return
         res = evaluate(tok, ema, text_tok, tc, run.dev, tc.eval_prompts, directions=("t2i",))
         res.update(step=step, minutes=(time.time() - t_start) / 60, total_minutes=(

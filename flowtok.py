@@ -221,6 +221,34 @@ class TokenizerConfig:
     dec_depth: int = 4          # decoder blocks
     n_head: int = 4             # attention heads
     kl_weight: float = 1e-5     # tiny: keeps the latent bounded, not a prior to sample from
+    gan_weight: float = 0.0     # patch-GAN loss, as a multiple of the MSE's gradient at the last
+                                # layer (adaptive weight); 0 = off, 0.1 is a reasonable start
+    gan_start: int = 0          # tokenizer steps before the GAN loss reaches the tokenizer
+    disc_width: int = 32        # discriminator channels: width, 2x, 4x over three stride-2 convs
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (pix2pix): three stride-2 4x4 convs, then one real/fake logit per (S/8)^2 region.
+    It judges edges and texture locally, which is what an MSE-trained decoder blurs."""
+    def __init__(self, width):
+        super().__init__()
+        layers, c_in = [], 3
+        for c_out in (width, 2 * width, 4 * width):
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.GroupNorm(8, c_out), nn.LeakyReLU(0.2)]
+            c_in = c_out
+        self.net = nn.Sequential(*layers, nn.Conv2d(c_in, 1, 3, 1, 1))
+
+    def flops(self, size):
+        """Forward FLOPs per image of side `size`."""
+        total = 0
+        for conv in self.net:
+            if isinstance(conv, nn.Conv2d):
+                size //= conv.stride[0]
+                total += 2 * size * size * conv.weight.numel()
+        return total
+
+    def forward(self, img):
+        return self.net(img * 2 - 1)  # (B, 1, S/8, S/8) logits
 
 
 class ImageTokenizer(nn.Module):
@@ -244,6 +272,7 @@ class ImageTokenizer(nn.Module):
         self.decoder = nn.Sequential(*[Block(W, cfg.n_head) for _ in range(cfg.dec_depth)])
         self.dec_ln = nn.LayerNorm(W)
         self.to_pixels = nn.Linear(W, 3 * p * p)
+        self.disc = PatchDiscriminator(cfg.disc_width) if cfg.gan_weight > 0 else None
         # Multiplies latents before the flow so they have ~unit std (set by fit_scale after training).
         self.register_buffer("scale_factor", torch.ones(()))
         init_weights(self)
@@ -256,7 +285,9 @@ class ImageTokenizer(nn.Module):
         enc = transformer_flops(T, c.width, c.enc_depth)
         if not train:
             return enc
-        return 3 * (enc + transformer_flops(T, c.width, c.dec_depth))
+        # with the GAN: three discriminator passes (real, detached fake, fake for the tokenizer), x3
+        disc = 9 * self.disc.flops(c.image_size) if self.disc is not None else 0
+        return 3 * (enc + transformer_flops(T, c.width, c.dec_depth)) + disc
 
     def patchify(self, img):
         return rearrange(img, "b c (h p) (w q) -> b (h w) (p q c)", p=self.cfg.patch_size, q=self.cfg.patch_size)
@@ -282,14 +313,38 @@ class ImageTokenizer(nn.Module):
         x = self.dec_ln(self.decoder(x)[:, :N])  # (B, N, W): the patch positions carry the pixels
         return (self.unpatchify(self.to_pixels(x)) + 1) / 2
 
-    def forward(self, img):
-        """Reconstruction + KL loss on a batch of images; returns (loss, stats)."""
+    def forward(self, img, step=None):
+        """Reconstruction + KL (+ GAN) loss on a batch of images; returns (loss, stats). step: the
+        training step, for the GAN's start (None: already started)."""
         mean, logvar = self.encode(img)
         recon = self.decode(gaussian_sample(mean, logvar))
         # MSE, not L1: tried here, L1 sat at the blank white image (its median pixel) for 1400+ steps
         mse = F.mse_loss(recon, img)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-        return mse + self.cfg.kl_weight * kl, {"mse": mse, "kl": kl}
+        stats = {"mse": mse, "kl": kl}
+        loss = mse + self.cfg.kl_weight * kl
+        if self.disc is not None:
+            loss = loss + self.gan_losses(img, recon, mse, step, stats)
+        return loss, stats
+
+    def gan_losses(self, img, recon, mse, step, stats):
+        """Hinge GAN, VQGAN's recipe, in one backward pass with the reconstruction loss.
+        The discriminator learns real vs (detached) reconstructions from step 0. From gan_start on,
+        the tokenizer also gets -D(recon), through a copy of D whose weights are constants (so that
+        term trains the tokenizer alone), scaled so that its gradient at the last layer is
+        gan_weight times the MSE's: the two losses' scales drift apart during training, and a
+        fixed weight ends up either doing nothing or drowning the reconstruction."""
+        d_loss = F.relu(1 - self.disc(img)).mean() + F.relu(1 + self.disc(recon.detach())).mean()
+        stats["disc"] = d_loss
+        if step is not None and step < self.cfg.gan_start:
+            return d_loss
+        frozen = {k: v.detach() for k, v in self.disc.named_parameters()}
+        adv = -torch.func.functional_call(self.disc, frozen, (recon,)).mean()
+        last = self.to_pixels.weight
+        g_mse = torch.autograd.grad(mse, last, retain_graph=True)[0].norm()
+        g_adv = torch.autograd.grad(adv, last, retain_graph=True)[0].norm()
+        stats["adv"] = adv
+        return d_loss + self.cfg.gan_weight * (g_mse / (g_adv + 1e-6)).clamp(max=1e4).detach() * adv
 
     @torch.no_grad()
     def latents(self, img, sample=True):
@@ -488,6 +543,8 @@ class FlowConfig:
                                 # 'dedicated' (a second transformer), 'inverse' (no i2t training)
     i2t_weight: float = 1.0     # image -> text flow loss
     i2t_frac: float = 0.5       # fraction of each batch that also trains image -> text
+    i2t_target: str = "mean"    # image -> text lands on the text latent's 'mean' or a 'sample' of it
+    round_weight: float = 1.0   # decoder cross-entropy on the i2t flow's predicted end point
 
 
 class FlowTransformer(nn.Module):
@@ -531,6 +588,7 @@ class FlowTok(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         assert cfg.i2t in ("shared", "dedicated", "inverse"), f"unknown i2t mode {cfg.i2t!r}"
+        assert cfg.i2t_target in ("mean", "sample"), f"unknown i2t target {cfg.i2t_target!r}"
         self.cfg = cfg
         K, C = cfg.num_tokens, cfg.token_dim
         text = (cfg.vocab_size, K, C, cfg.text_width, cfg.text_depth, 4)
@@ -547,10 +605,13 @@ class FlowTok(nn.Module):
 
     def flops(self):
         """Training FLOPs per sample: flow transformer (t2i, plus the i2t share of the batch),
-        text encoder and decoder, each 3x their forward."""
+        text encoder and decoder, each 3x their forward; on the i2t share also the text encoder's
+        no-grad forward and the decoder's rounding step."""
         c = self.cfg
-        flow = transformer_flops(c.num_tokens, c.width, c.depth) * (1 + (c.i2t != "inverse") * c.i2t_frac)
-        return 3 * (flow + 2 * transformer_flops(c.num_tokens, c.text_width, c.text_depth))
+        flow = transformer_flops(c.num_tokens, c.width, c.depth)
+        text = transformer_flops(c.num_tokens, c.text_width, c.text_depth)
+        i2t = (c.i2t != "inverse") * c.i2t_frac
+        return 3 * (flow * (1 + i2t) + 2 * text) + i2t * 4 * text
 
     def velocity(self, x, t, direction=0, null=0):
         """v_theta(x, t) for one direction (0: text -> image, 1: image -> text). t is a float or
@@ -581,20 +642,31 @@ class FlowTok(nn.Module):
         stats = {"fm": fm, "kl": kl, "align": align, "rec": rec,
                  "spread": mean.std(0).mean()}  # how different captions' latents are; ~0 = collapse
         if cfg.i2t != "inverse":
-            # image -> text: source the image latent, target a (detached) sample of the text latent of
-            # the picture's one canonical phrasing: the path ends in the noisy cloud the text decoder
-            # was trained on, instead of funnelling many images onto the mean (a field that grows like
-            # 1/(1-t)). Whether that beats targeting the mean is not settled (README, Image -> text).
-            # Detached, so this loss cannot move the text latents to make itself easy.
-            n = max(1, int(B * cfg.i2t_frac))
-            x0 = z_img[:n]
-            with torch.no_grad():
-                x1 = gaussian_sample(*self.text_encoder((ids if ids_i2t is None else ids_i2t)[:n]))
-            t = sample_t(n, ids.device)
-            v = self.velocity(interpolate(x0, x1, t), t, direction=1)
-            stats["i2t"] = F.mse_loss(v, target_velocity(x0, x1))
-            loss = loss + cfg.i2t_weight * stats["i2t"]
+            loss = loss + self.i2t_losses(z_img, ids if ids_i2t is None else ids_i2t, stats)
         return loss, stats
+
+    def i2t_losses(self, z_img, ids, stats):
+        """Image -> text on the first i2t_frac of the batch: source the image latent, target the
+        text latent of the picture's one canonical phrasing `ids`, detached so that this loss cannot
+        move the text latents to make itself easy. The default target is the latent's mean: one
+        point per caption, so the path is a plain regression that straight Euler steps follow,
+        where a noisy sample asks the flow to invent noise the image does not hold.
+        Then the rounding loss (Diffusion-LM's L_round): read the end point the model predicts
+        from x_t, x1_hat = x_t + (1 - t) v, with the text decoder and score it against the tokens,
+        so the flow learns to land where the decoder can read and the decoder learns to read it."""
+        cfg = self.cfg
+        n = max(1, int(z_img.shape[0] * cfg.i2t_frac))
+        x0, ids = z_img[:n], ids[:n]
+        with torch.no_grad():
+            mean, logvar = self.text_encoder(ids)
+            x1 = mean if cfg.i2t_target == "mean" else gaussian_sample(mean, logvar)
+        t = sample_t(n, ids.device)
+        x_t = interpolate(x0, x1, t)
+        v = self.velocity(x_t, t, direction=1)
+        stats["i2t"] = F.mse_loss(v, target_velocity(x0, x1))
+        x1_hat = x_t + (1 - t).view(-1, 1, 1) * v  # (n, K, C)
+        stats["round"] = F.cross_entropy(self.text_decoder(x1_hat).flatten(0, 1), ids.flatten())
+        return cfg.i2t_weight * stats["i2t"] + cfg.round_weight * stats["round"]
 
     # --- sampling -------------------------------------------------------------------------
 

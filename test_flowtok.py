@@ -5,6 +5,7 @@ import os
 import json
 import sys
 import math
+import dataclasses
 import subprocess
 import warnings
 
@@ -132,6 +133,26 @@ def test_tokenizer_overfits_a_batch_and_scale_factor():
     assert losses[-1] < 0.3 * losses[0]
     tok.fit_scale([img])
     assert abs(tok.latents(img, sample=False).std().item() - 1) < 1e-3
+
+
+def test_gan_loss_trains_discriminator_and_tokenizer_apart():
+    """The discriminator learns from its hinge loss alone; the adversarial term reaches every
+    tokenizer weight but no discriminator weight, and only from gan_start on."""
+    tok = ft.ImageTokenizer(dataclasses.replace(TINY_TOK, gan_weight=0.5, gan_start=10))
+    img = data.ShapesWorld(32, seed=1).batch(4)[0]
+
+    def grads(step):
+        torch.manual_seed(1)  # the same posterior sample both times
+        tok.zero_grad()
+        loss, stats = tok(img, step)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in tok.named_parameters()}, stats
+    before, s0 = grads(9)
+    after, s1 = grads(10)
+    assert "disc" in s0 and "adv" not in s0 and "adv" in s1
+    for name in before:
+        assert torch.equal(before[name], after[name]) == name.startswith("disc."), name
+    assert tok.flops() > ft.ImageTokenizer(TINY_TOK).flops()
 
 # -----------------------------------------------------------------------------
 # text tokenizer, encoder and decoder
@@ -277,6 +298,7 @@ def test_flow_overfit_loss_falls(i2t):
     assert ("i2t" in stats) == (i2t != "inverse")
     if i2t != "inverse":
         assert stats["i2t"].item() < 0.6 * first["i2t"]
+        assert stats["round"].item() < 0.3 * first["round"]
     assert stats["spread"].item() > 0.05  # different captions keep different latents
 
 # -----------------------------------------------------------------------------
@@ -836,10 +858,11 @@ def test_train_and_sample_on_your_own_images_through_the_cli(tmp_path):
     rows.append({"file_name": "broken.png", "text": "nothing"})
     (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
-    r = run("train.py", "--preset=tiny", f"--data={tmp_path}", f"--out_dir={out}", "--latent_cache")
+    r = run("train.py", "--preset=tiny", f"--data={tmp_path}", f"--out_dir={out}", "--latent_cache",
+            "--tok.gan_weight=0.1", "--tok.gan_start=10")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "12 usable images with 12 captions (imagefolder); skipped 1 unreadable image" in r.stdout
-    assert "latent cache: 12 images encoded" in r.stdout and (out / "latents.npy").exists()
+    assert "adv" in r.stdout and "latent cache: 12 images encoded" in r.stdout and (out / "latents.npy").exists()
     assert "image -> text:" in r.stdout and "psnr" in r.stdout and (out / "samples_final.png").exists()
     r = run("sample.py", "--prompt", "a red picture", "--steps", "2", "--ckpt", str(out / "ckpt.pt"),
             "--out", str(tmp_path / "s.png"))

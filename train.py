@@ -256,7 +256,7 @@ def check_finite(loss, stage, step):
 
 
 def fit(run, tc, stage, model, loss_fn, steps, batch, lr, state, flops_per_sample, on_step=None, on_save=None):
-    """The training loop both stages share. loss_fn(net) draws a batch and returns (loss, stats).
+    """The training loop both stages share. loss_fn(net, step) draws a batch and returns (loss, stats).
     on_step(step) runs after each optimizer step (EMA); on_save(step, opt) every eval_interval
     steps and at the end (checkpoint, evaluation). Resumes from `state` when it is this stage's."""
     opt = make_optimizer(model, lr, tc.weight_decay, run.dev)
@@ -279,7 +279,7 @@ def fit(run, tc, stage, model, loss_fn, steps, batch, lr, state, flops_per_sampl
             sync = nullcontext() if (not run.ddp or micro == accum - 1) else net.no_sync()
             with sync:
                 with run.autocast, run.attention():
-                    loss, stats = loss_fn(net)
+                    loss, stats = loss_fn(net, step)
                 run.scaler.scale(loss / accum).backward()
         run.scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -333,7 +333,7 @@ def train_tokenizer(run, tc, tok, world, state):
             save_checkpoint(state, tc.out_dir)
 
     t_start = time.time() - state.get("tok_seconds", 0.0)
-    fit(run, tc, "tokenizer", tok, lambda net: net(world.batch(tc.tok_batch)[0]), tc.tok_steps, tc.tok_batch,
+    fit(run, tc, "tokenizer", tok, lambda net, step: net(world.batch(tc.tok_batch)[0], step), tc.tok_steps, tc.tok_batch,
         tc.tok_lr, state, tok.flops(), on_save=on_save)
     state["tok_seconds"] = time.time() - t_start
     # after training: scale latents to unit std for the flow (rank 0's factor for every rank)
@@ -357,7 +357,7 @@ def train_flow(run, tc, tok, model, ema, text_tok, world, state):
 
     cache = data.LatentCache(world, os.path.join(tc.out_dir, "latents.npy"), tok) if tc.latent_cache else None
 
-    def loss_fn(net):
+    def loss_fn(net, step):
         if cache:  # pre-tokenized: re-sample the stored posterior
             mean, logvar, captions, specs = cache.batch(tc.flow_batch)
             z_img = ft.gaussian_sample(mean, logvar) * tok.scale_factor

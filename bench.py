@@ -71,6 +71,10 @@ def bench_variant(tc, tok_cfg, flow_overrides, compiled, bf16, iters):
         return net(ids, tok.latents(img).float(), ids)
     dt = timed(step_fn(model, flow_loss, tc.flow_lr), iters, dev)
     rows["flow step"] = (dt, tc.flow_batch / dt, (model.flops() + tok.flops(train=False)) * tc.flow_batch / dt)
+    # what --latent_cache saves: the same step with the image latents already computed
+    z = tok.latents(img).float()
+    dt = timed(step_fn(model, lambda net: net(ids, z, ids), tc.flow_lr), iters, dev)
+    rows["flow step, cached latents"] = (dt, tc.flow_batch / dt, model.flops() * tc.flow_batch / dt)
 
     # sampling: text encoder -> 2 x steps flow passes (CFG) -> tokenizer decoder, batch 64
     sample_ids = text_tok.encode(captions[:64] * (64 // len(captions[:64]) + 1))[:64].to(dev)

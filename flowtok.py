@@ -545,6 +545,7 @@ class FlowConfig:
     i2t_frac: float = 0.5       # fraction of each batch that also trains image -> text
     i2t_target: str = "mean"    # image -> text lands on the text latent's 'mean' or a 'sample' of it
     round_weight: float = 1.0   # decoder cross-entropy on the i2t flow's predicted end point
+    i2t_t0: float = 0.5         # fraction of the i2t samples trained at t = 0, the step that reads the image
 
 
 class FlowTransformer(nn.Module):
@@ -650,7 +651,7 @@ class FlowTok(nn.Module):
         text latent of the picture's one canonical phrasing `ids`, detached so that this loss cannot
         move the text latents to make itself easy. The default target is the latent's mean: one
         point per caption, so the path is a plain regression that straight Euler steps follow,
-        where a noisy sample asks the flow to invent noise the image does not hold.
+        where a noisy sample asks the flow to invent noise the image does not hold (README: Image -> text).
         Then the rounding loss (Diffusion-LM's L_round): read the end point the model predicts
         from x_t, x1_hat = x_t + (1 - t) v, with the text decoder and score it against the tokens,
         so the flow learns to land where the decoder can read and the decoder learns to read it."""
@@ -660,7 +661,10 @@ class FlowTok(nn.Module):
         with torch.no_grad():
             mean, logvar = self.text_encoder(ids)
             x1 = mean if cfg.i2t_target == "mean" else gaussian_sample(mean, logvar)
-        t = sample_t(n, ids.device)
+        # Half of them at t = 0. With one end point per caption, the first Euler step from the image
+        # decides the caption, and later steps only read on from where it pointed; logit-normal t
+        # would spend the training on mid-path points where x_t already holds half the answer.
+        t = sample_t(n, ids.device) * (torch.rand(n, device=ids.device) >= cfg.i2t_t0)
         x_t = interpolate(x0, x1, t)
         v = self.velocity(x_t, t, direction=1)
         stats["i2t"] = F.mse_loss(v, target_velocity(x0, x1))

@@ -4,6 +4,7 @@ Sample from a trained nano FlowTok.
     python sample.py --prompt "a red circle to the left of a blue square"      # text -> image grid
     python sample.py --prompts_file prompts.txt --num_samples 8 --cfg 3
     python sample.py --image photo.png --image other.jpg                       # image -> text
+    python sample.py --recon my_photos/          # the tokenizer's reconstructions: PSNR and a grid
     python sample.py --sweep                # judge accuracy vs Euler steps and CFG scale (table)
     python sample.py --eval [--inverse]     # judge both directions and both round trips
 
@@ -65,18 +66,24 @@ def saved_config(cls, d, path):
     return cls(**d)
 
 
+def tokenizer_from(state, path, device):
+    """The image tokenizer of a checkpoint (any stage), in eval mode."""
+    tok = ft.ImageTokenizer(saved_config(ft.TokenizerConfig, state["tok_cfg"], path)).to(device)
+    tok.load_state_dict(state["tokenizer"])
+    return tok.eval()
+
+
 def load_models(path, device):
     """Checkpoint -> (tokenizer, EMA flow model, text tokenizer), ready to sample."""
     state = load_checkpoint(path, device)
     if not state.get("ema"):
         raise CheckpointError(f"{path} has no trained flow yet (stage {state.get('stage')!r}): "
                               "finish training: python train.py --resume")
-    tok = ft.ImageTokenizer(saved_config(ft.TokenizerConfig, state["tok_cfg"], path)).to(device)
-    tok.load_state_dict(state["tokenizer"])
+    tok = tokenizer_from(state, path, device)
     model = ft.FlowTok(saved_config(ft.FlowConfig, state["flow_cfg"], path)).to(device)
     model.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in state["ema"].items()})
     text_tok = ft.TextTokenizer.from_state_dict(state["text_tokenizer"])
-    return tok.eval(), model.eval(), text_tok
+    return tok, model.eval(), text_tok
 
 # -----------------------------------------------------------------------------
 # the two directions, batched
@@ -113,6 +120,13 @@ def eval_images(tok, specs, seed=4321):
 
 
 @torch.no_grad()
+def i2t_steps(model, tc, inverse=None):
+    """Euler steps for image -> text: tc.i2t_steps on a trained image -> text field (straight: one end
+    point per caption), tc.sample_steps when the text -> image field runs backwards (it is not)."""
+    backwards = model.cfg.i2t == "inverse" if inverse is None else inverse
+    return tc.sample_steps if backwards else tc.i2t_steps
+
+
 def evaluate(tok, model, text_tok, tc, dev, n, directions=("t2i", "i2t"), inverse=None):
     """Judge accuracy per family on the seen and held-out splits (n prompts per family each):
     text -> image, and (with 'i2t') image -> text, both round trips, and the text decoder's
@@ -125,10 +139,10 @@ def evaluate(tok, model, text_tok, tc, dev, n, directions=("t2i", "i2t"), invers
         res[f"t2i_{split}"] = data.accuracy(data.judge_images(imgs, specs), specs)
         if "i2t" not in directions:
             continue
-        caps = image_to_text(tok, model, text_tok, eval_images(tok, specs), tc.sample_steps, inverse)
+        caps = image_to_text(tok, model, text_tok, eval_images(tok, specs), i2t_steps(model, tc, inverse), inverse)
         res[f"i2t_{split}"] = data.accuracy(data.judge_captions(caps, specs), specs)
         # text -> image -> text: is the caption of the generated image the prompt?
-        back = image_to_text(tok, model, text_tok, imgs, tc.sample_steps, inverse)
+        back = image_to_text(tok, model, text_tok, imgs, i2t_steps(model, tc, inverse), inverse)
         res[f"t2i2t_{split}"] = data.accuracy(data.judge_captions(back, specs), specs)
         # image -> text -> image: does the picture drawn from the caption pass for the original spec?
         with warnings.catch_warnings():  # the captions are model output: over-long ones are just wrong
@@ -204,7 +218,8 @@ def wrap(text, width):
 
 
 def sweep(tok, model, text_tok, ckpt_dir, n, dev, from_mean):
-    """Accuracy vs Euler steps x CFG scale, and vs training minutes (from evals.jsonl)."""
+    """Text -> image accuracy vs Euler steps x CFG scale, image -> text accuracy vs steps, and
+    accuracy vs training minutes (from evals.jsonl)."""
     print(f"text -> image judge accuracy, {n} prompts per family and split, source: "
           f"{'text-latent mean' if from_mean else 'text-latent sample'}")
     print("| steps | cfg | seen overall | held-out overall | seen single | seen relation | seen count |")
@@ -216,6 +231,18 @@ def sweep(tok, model, text_tok, ckpt_dir, n, dev, from_mean):
             s, h = r["t2i_seen"], r["t2i_heldout"]
             print(f"| {steps} | {cfg:g} | {s['overall']:.3f} | {h['overall']:.3f} | {s['single']:.3f} | "
                   f"{s['relation']:.3f} | {s['count']:.3f} |", flush=True)
+    print(f"\nimage -> text exact-caption accuracy vs Euler steps, {n} images per family and split")
+    print("| steps | seen overall | held-out overall | seen single | seen relation | seen count |")
+    print("|---|---|---|---|---|---|")
+    for steps in (1, 2, 4, 8, 20):
+        acc = {}
+        for split in ("seen", "heldout"):
+            specs = data.eval_specs(split, n)
+            caps = image_to_text(tok, model, text_tok, eval_images(tok, specs), steps)
+            acc[split] = data.accuracy(data.judge_captions(caps, specs), specs)
+        s = acc["seen"]
+        print(f"| {steps} | {s['overall']:.3f} | {acc['heldout']['overall']:.3f} | {s['single']:.3f} | "
+              f"{s['relation']:.3f} | {s['count']:.3f} |", flush=True)
     path = os.path.join(ckpt_dir, "evals.jsonl")
     if os.path.exists(path):
         print("\naccuracy vs training minutes (periodic evaluations logged by train.py, with its sampling settings)")
@@ -227,13 +254,58 @@ def sweep(tok, model, text_tok, ckpt_dir, n, dev, from_mean):
                   f"{r['t2i_seen']['overall']:.3f} | {r['t2i_seen']['single']:.3f} | {r['t2i_heldout']['overall']:.3f} |")
 
 
+def image_files(paths):
+    """Files as given, folders expanded to the image files in them (sorted)."""
+    exts = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+    out = []
+    for p in paths:
+        out += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(exts)) if os.path.isdir(p) else [p]
+    return out
+
+
+def load_images(paths, size):
+    """Load what loads; a one-line error on stderr for each file that does not. -> (images, their
+    paths, number failed)."""
+    imgs, loaded, failed = [], [], 0
+    for path in paths:
+        try:
+            imgs.append(data.load_image(path, size))
+            loaded.append(path)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+    return imgs, loaded, failed
+
+
+@torch.no_grad()
+def reconstruct(tok, paths, dev, out, batch=256):
+    """--recon: the tokenizer's round trip on image files or folders: mean PSNR over all of them, and
+    a grid of the first 8 with each reconstruction under its original."""
+    imgs, loaded, failed = load_images(image_files(paths), tok.cfg.image_size)
+    if not imgs:
+        sys.exit("error: no image could be read from --recon")
+    imgs = torch.stack(imgs).to(dev)
+    psnr = [evaluate_tokenizer(tok, dev, 0, imgs[i:i + batch])["recon"]["psnr"] * len(imgs[i:i + batch])
+            for i in range(0, len(imgs), batch)]
+    print(f"tokenizer reconstruction of {len(imgs)} images: PSNR {sum(psnr) / len(imgs):.2f} dB")
+    n = min(8, len(imgs))
+    rec = tok.decode(tok.encode(imgs[:n])[0]).clamp(0, 1)
+    save_grid(torch.cat([imgs[:n], rec]), [os.path.basename(p) for p in loaded[:n]] + ["reconstruction"] * n,
+              out, cols=n)
+    print(f"saved originals and reconstructions to {out}")
+    return failed
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Sample from a trained nano FlowTok (text -> image, image -> text).")
     p.add_argument("--prompt", action="append", default=[], help="a caption to draw (repeatable)")
     p.add_argument("--prompts_file", help="a text file with one caption per line")
     p.add_argument("--image", action="append", default=[], help="an image to caption (repeatable)")
+    p.add_argument("--recon", action="append", default=[],
+                   help="an image or folder to reconstruct with the tokenizer: PSNR and a grid (repeatable)")
     p.add_argument("--num_samples", type=int, default=4, help="pictures per prompt / captions per image")
-    p.add_argument("--steps", type=int, default=20, help="Euler steps")
+    p.add_argument("--steps", type=int, default=20, help="Euler steps (text -> image, and image -> text with --inverse)")
+    p.add_argument("--i2t_steps", type=int, default=1, help="Euler steps image -> text (its paths are straight)")
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--from_mean", action="store_true", help="start at the text latent's mean, not a sample")
     p.add_argument("--seed", type=int, default=0)
@@ -253,18 +325,23 @@ def main(argv=None):
         prompts += [l.strip() for l in open(a.prompts_file, encoding="utf-8", errors="replace") if l.strip()]
     if any(not x.strip() for x in a.prompt):
         sys.exit("error: empty prompt: give a caption, e.g. --prompt \"a small red circle\"")
-    if not (prompts or a.image or a.sweep or a.eval):
-        sys.exit("error: nothing to do: give --prompt TEXT, --prompts_file FILE, --image PATH, --sweep or --eval")
-    if a.steps < 1 or a.num_samples < 1:
-        sys.exit("error: --steps and --num_samples must be at least 1")
+    if not (prompts or a.image or a.sweep or a.eval or a.recon):
+        sys.exit("error: nothing to do: give --prompt TEXT, --prompts_file FILE, --image PATH, --recon PATH, "
+                 "--sweep or --eval")
+    if min(a.steps, a.i2t_steps, a.num_samples) < 1:
+        sys.exit("error: --steps, --i2t_steps and --num_samples must be at least 1")
+    settings = SimpleNamespace(sample_steps=a.steps, i2t_steps=a.i2t_steps, cfg_scale=a.cfg, from_mean=a.from_mean)
     dev = torch.device(a.device if a.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     torch.set_flush_denormal(True)
     try:
-        tok, model, text_tok = load_models(a.ckpt, dev)
+        if a.recon and not (prompts or a.image or a.sweep or a.eval):  # the tokenizer alone will do
+            tok = tokenizer_from(load_checkpoint(a.ckpt, dev), a.ckpt, dev)
+        else:
+            tok, model, text_tok = load_models(a.ckpt, dev)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
+    failed = reconstruct(tok, a.recon, dev, a.out) if a.recon else 0
     if a.eval:
-        settings = SimpleNamespace(sample_steps=a.steps, cfg_scale=a.cfg, from_mean=a.from_mean)
         print(report(evaluate(tok, model, text_tok, settings, dev, a.sweep_prompts, inverse=a.inverse or None), True))
     if a.sweep:
         sweep(tok, model, text_tok, os.path.dirname(a.ckpt), a.sweep_prompts, dev, a.from_mean)
@@ -277,23 +354,20 @@ def main(argv=None):
         save_grid(imgs, labels, a.out, cols=a.num_samples if a.num_samples > 1 else 8)
         print(f"saved {len(labels)} samples to {a.out}")
     if a.image:
-        failed = 0
-        for path in a.image:
-            try:
-                img = data.load_image(path, tok.cfg.image_size).to(dev)
-            except ValueError as e:
-                print(f"error: {e}", file=sys.stderr)
-                failed += 1
-                continue
+        imgs, loaded, bad = load_images(a.image, tok.cfg.image_size)
+        failed += bad
+        for path, img in zip(loaded, imgs):
+            img = img.to(dev)
             inverse = a.inverse or None  # None: the model's own way (its i2t mode)
-            caps = image_to_text(tok, model, text_tok, img[None], a.steps, inverse)
+            steps = i2t_steps(model, settings, inverse)
+            caps = image_to_text(tok, model, text_tok, img[None], steps, inverse)
             if a.num_samples > 1:  # alternatives: tokens drawn from the decoder instead of the most likely
                 g = torch.Generator(dev).manual_seed(a.seed)
-                caps += image_to_text(tok, model, text_tok, img[None].expand(a.num_samples - 1, -1, -1, -1), a.steps,
+                caps += image_to_text(tok, model, text_tok, img[None].expand(a.num_samples - 1, -1, -1, -1), steps,
                                       inverse, g)
             print(f"{path}: " + " | ".join(dict.fromkeys(caps)))
-        if failed:
-            sys.exit(1)
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -363,6 +363,12 @@ def test_sample_cli_image_to_text_any_image(trained, tmp_path):
     r = run("sample.py", "--image", paths[0], "--num_samples", "3", "--inverse", "--steps", "2",
             "--ckpt", str(out / "ckpt.pt"))
     assert r.returncode == 0 and r.stdout.startswith(paths[0] + ":")
+    # the tokenizer's round trip on a folder (notes.txt is not listed) plus a missing file
+    r = run("sample.py", "--recon", str(tmp_path), "--recon", bad[0], "--ckpt", str(out / "ckpt.pt"),
+            "--out", str(tmp_path / "recon.png"))
+    assert r.returncode == 1 and "missing.png: no such file" in r.stderr and "Traceback" not in r.stderr
+    assert "reconstruction of 5 images: PSNR" in r.stdout
+    assert Image.open(tmp_path / "recon.png").size == (5 * 128, 2 * (128 + 40))  # originals above, recons below
 
 
 def test_sample_cli_eval_report(trained):

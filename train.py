@@ -26,7 +26,7 @@ import torch
 import flowtok as ft
 import data
 from sample import (save_checkpoint, load_checkpoint, evaluate, evaluate_tokenizer, report, save_grid,
-                    text_to_image, image_to_text, saved_config, CheckpointError)
+                    text_to_image, image_to_text, i2t_steps, saved_config, CheckpointError)
 
 
 @dataclasses.dataclass
@@ -63,6 +63,8 @@ class TrainConfig:
     eval_prompts: int = 20        # per family and split, periodic evaluations
     final_prompts: int = 100      # per family and split, the final report
     sample_steps: int = 20        # Euler steps
+    i2t_steps: int = 1            # Euler steps image -> text: one end point per caption makes its paths
+                                  # straight (the backwards 'inverse' field uses sample_steps)
     cfg_scale: float = 2.0
     from_mean: bool = False       # start sampling at the text latent's mean instead of a sample
     # speed switches (auto = on where it helps: CUDA)
@@ -504,7 +506,7 @@ def main(argv=None):
     if tc.data:  # no judge for free text: reconstruction quality, and captions for a few of your images
         img, caps, _ = peek(world, 8)
         res = evaluate_tokenizer(tok, run.dev, 0, img)
-        for truth, said in zip(caps, image_to_text(tok, ema, text_tok, img, tc.sample_steps)):
+        for truth, said in zip(caps, image_to_text(tok, ema, text_tok, img, i2t_steps(ema, tc))):
             print(f"image -> text: {said!r} (its caption: {truth!r})")
     else:
         res = evaluate(tok, ema, text_tok, tc, run.dev, tc.final_prompts)

@@ -539,8 +539,9 @@ class FlowConfig:
     align_weight: float = 1.0   # contrastive text <-> image alignment (FlowTok: 1.0)
     decoder_weight: float = 1.0 # text decoder reconstruction cross-entropy
     cfg_prob: float = 0.1       # fraction of samples flagged "unconditional" (CFG indicator)
-    i2t: str = "shared"         # image -> text: 'shared' (one model, direction embedding),
-                                # 'dedicated' (a second transformer), 'inverse' (no i2t training)
+    i2t: str = "dedicated"      # image -> text: 'dedicated' (a second transformer, as FlowTok),
+                                # 'shared' (one model told the direction by an embedding: half the
+                                # parameters), 'inverse' (no i2t training: run t2i backwards)
     i2t_weight: float = 1.0     # image -> text flow loss
     i2t_frac: float = 0.5       # fraction of each batch that also trains image -> text
     i2t_target: str = "mean"    # image -> text lands on the text latent's 'mean' or a 'sample' of it

@@ -153,6 +153,16 @@ def test_gan_loss_trains_discriminator_and_tokenizer_apart():
     for name in before:
         assert torch.equal(before[name], after[name]) == name.startswith("disc."), name
     assert tok.flops() > ft.ImageTokenizer(TINY_TOK).flops()
+    # clipping: a huge discriminator gradient is clipped on its own and leaves the tokenizer's alone
+    import train
+    norm = lambda ps: torch.stack([p.grad.norm() for p in ps]).norm().item()
+    rest = [p for n, p in tok.named_parameters() if not n.startswith("disc.")]
+    limit = 1.1 * norm(rest)
+    for p in tok.disc.parameters():
+        p.grad = p.grad * 1e6 + 1.0
+    train.clip_gradients(tok, limit)
+    assert all(torch.equal(p.grad, after[n]) for n, p in tok.named_parameters() if not n.startswith("disc."))
+    assert abs(norm(tok.disc.parameters()) - limit) < 1e-3 * limit
 
 # -----------------------------------------------------------------------------
 # text tokenizer, encoder and decoder

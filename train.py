@@ -257,6 +257,15 @@ def check_finite(loss, stage, step):
                  "Lower the learning rate or turn off bf16 (--bf16=False), then --resume.")
 
 
+def clip_gradients(model, max_norm):
+    """Clip the gradient norm, the tokenizer's GAN discriminator (if any) apart from the rest: its
+    hinge-loss gradients are large, and in one norm they would shrink every tokenizer step."""
+    for disc in (False, True):
+        params = [p for n, p in model.named_parameters() if n.startswith("disc.") == disc]
+        if params:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
 def fit(run, tc, stage, model, loss_fn, steps, batch, lr, state, flops_per_sample, on_step=None, on_save=None):
     """The training loop both stages share. loss_fn(net, step) draws a batch and returns (loss, stats).
     on_step(step) runs after each optimizer step (EMA); on_save(step, opt) every eval_interval
@@ -284,7 +293,7 @@ def fit(run, tc, stage, model, loss_fn, steps, batch, lr, state, flops_per_sampl
                     loss, stats = loss_fn(net, step)
                 run.scaler.scale(loss / accum).backward()
         run.scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        clip_gradients(model, tc.grad_clip)
         run.scaler.step(opt)
         run.scaler.update()
         opt.zero_grad(set_to_none=True)

@@ -652,7 +652,7 @@ class FlowTok(nn.Module):
         text latent of the picture's one canonical phrasing `ids`, detached so that this loss cannot
         move the text latents to make itself easy. The default target is the latent's mean: one
         point per caption, so the path is a plain regression that straight Euler steps follow,
-        where a noisy sample asks the flow to invent noise the image does not hold (README: Image -> text).
+        where a noisy sample asks the flow to invent noise the image does not hold (README, Image -> text).
         Then the rounding loss (Diffusion-LM's L_round): read the end point the model predicts
         from x_t, x1_hat = x_t + (1 - t) v, with the text decoder and score it against the tokens,
         so the flow learns to land where the decoder can read and the decoder learns to read it."""
@@ -662,7 +662,7 @@ class FlowTok(nn.Module):
         with torch.no_grad():
             mean, logvar = self.text_encoder(ids)
             x1 = mean if cfg.i2t_target == "mean" else gaussian_sample(mean, logvar)
-        # Half of them at t = 0. With one end point per caption, the first Euler step from the image
+        # A share i2t_t0 of them at t = 0. With one end point per caption, the first Euler step from the image
         # decides the caption, and later steps only read on from where it pointed; logit-normal t
         # would spend the training on mid-path points where x_t already holds half the answer.
         t = sample_t(n, ids.device) * (torch.rand(n, device=ids.device) >= cfg.i2t_t0)

@@ -119,7 +119,6 @@ def eval_images(tok, specs, seed=4321):
     return world.render(specs)
 
 
-@torch.no_grad()
 def i2t_steps(model, tc, inverse=None):
     """Euler steps for image -> text: tc.i2t_steps on a trained image -> text field (straight: one end
     point per caption), tc.sample_steps when the text -> image field runs backwards (it is not)."""
@@ -127,6 +126,7 @@ def i2t_steps(model, tc, inverse=None):
     return tc.sample_steps if backwards else tc.i2t_steps
 
 
+@torch.no_grad()
 def evaluate(tok, model, text_tok, tc, dev, n, directions=("t2i", "i2t"), inverse=None):
     """Judge accuracy per family on the seen and held-out splits (n prompts per family each):
     text -> image, and (with 'i2t') image -> text, both round trips, and the text decoder's
@@ -259,7 +259,10 @@ def image_files(paths):
     exts = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
     out = []
     for p in paths:
-        out += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(exts)) if os.path.isdir(p) else [p]
+        if os.path.isdir(p):
+            out += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(exts))
+        else:
+            out.append(p)
     return out
 
 
@@ -304,7 +307,8 @@ def main(argv=None):
     p.add_argument("--recon", action="append", default=[],
                    help="an image or folder to reconstruct with the tokenizer: PSNR and a grid (repeatable)")
     p.add_argument("--num_samples", type=int, default=4, help="pictures per prompt / captions per image")
-    p.add_argument("--steps", type=int, default=20, help="Euler steps (text -> image, and image -> text with --inverse)")
+    p.add_argument("--steps", type=int, default=20,
+                   help="Euler steps (text -> image, and image -> text with --inverse)")
     p.add_argument("--i2t_steps", type=int, default=1, help="Euler steps image -> text (its paths are straight)")
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--from_mean", action="store_true", help="start at the text latent's mean, not a sample")
@@ -340,7 +344,8 @@ def main(argv=None):
             tok, model, text_tok = load_models(a.ckpt, dev)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
-    failed = reconstruct(tok, a.recon, dev, a.out) if a.recon else 0
+    recon_out = os.path.splitext(a.out)[0] + "_recon.png" if prompts else a.out  # not over the samples
+    failed = reconstruct(tok, a.recon, dev, recon_out) if a.recon else 0
     if a.eval:
         print(report(evaluate(tok, model, text_tok, settings, dev, a.sweep_prompts, inverse=a.inverse or None), True))
     if a.sweep:

@@ -344,8 +344,8 @@ def train_tokenizer(run, tc, tok, world, state):
             save_checkpoint(state, tc.out_dir)
 
     t_start = time.time() - state.get("tok_seconds", 0.0)
-    fit(run, tc, "tokenizer", tok, lambda net, step: net(world.batch(tc.tok_batch)[0], step), tc.tok_steps, tc.tok_batch,
-        tc.tok_lr, state, tok.flops(), on_save=on_save)
+    fit(run, tc, "tokenizer", tok, lambda net, step: net(world.batch(tc.tok_batch)[0], step), tc.tok_steps,
+        tc.tok_batch, tc.tok_lr, state, tok.flops(), on_save=on_save)
     state["tok_seconds"] = time.time() - t_start
     # after training: scale latents to unit std for the flow (rank 0's factor for every rank)
     scale = tok.fit_scale([peek(world, 512)[0]])

@@ -887,6 +887,25 @@ def test_train_and_sample_on_your_own_images_through_the_cli(tmp_path):
     assert r.returncode != 0 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("layout", ["txt", "coco"])
+def test_train_and_sample_txt_and_coco_through_the_cli(tmp_path, layout):
+    """The other two layouts also train end to end (a few steps) and sample."""
+    if layout == "txt":
+        for i, color in enumerate(["red", "green", "blue", "yellow"]):
+            solid(tmp_path / f"{i}.png", color, (40, 36))
+            (tmp_path / f"{i}.txt").write_text(f"a {color} picture")
+        path = tmp_path
+    else:
+        path = make_coco(tmp_path)
+    out = tmp_path / "run"
+    r = run("train.py", "--preset=tiny", f"--data={path}", f"--out_dir={out}", "--tok_steps=5", "--flow_steps=5")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"({layout}); skipped nothing" in r.stdout and (out / "samples_final.png").exists()
+    r = run("sample.py", "--prompt", "a red picture", "--steps", "2", "--ckpt", str(out / "ckpt.pt"),
+            "--out", str(tmp_path / "s.png"))
+    assert r.returncode == 0 and Image.open(tmp_path / "s.png").size[0] > 0
+
+
 def test_latent_cache_stores_the_posterior_and_is_reused(tmp_path, capsys):
     for i, color in enumerate(["red", "green", "blue", "purple", "orange"]):
         solid(tmp_path / f"{i}.png", color)

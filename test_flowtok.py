@@ -17,6 +17,7 @@ from PIL import Image
 
 import flowtok as ft
 import data
+import train
 from data import (COLORS, HELD_OUT, open_dataset, RELATIONS, SHAPES, ShapesWorld, Spec, accuracy, caption, eval_specs,
                   find_objects, is_held_out, judge_captions, judge_images, parse_caption, same_meaning)
 
@@ -154,7 +155,6 @@ def test_gan_loss_trains_discriminator_and_tokenizer_apart():
         assert torch.equal(before[name], after[name]) == name.startswith("disc."), name
     assert tok.flops() > ft.ImageTokenizer(TINY_TOK).flops()
     # clipping: a huge discriminator gradient is clipped on its own and leaves the tokenizer's alone
-    import train
     norm = lambda ps: torch.stack([p.grad.norm() for p in ps]).norm().item()
     rest = [p for n, p in tok.named_parameters() if not n.startswith("disc.")]
     limit = 1.1 * norm(rest)
@@ -402,6 +402,11 @@ def test_sample_cli_errors(trained, tmp_path):
     r = run("sample.py", "--prompt", "a red circle " * 20, "--steps", "1", "--ckpt", str(out / "ckpt.pt"),
             "--out", str(tmp_path / "long.png"))
     assert r.returncode == 0 and "truncated" in r.stderr
+    r = run("sample.py", "--image", str(tmp_path / "x.png"), "--i2t_steps", "0", "--ckpt", str(out / "ckpt.pt"))
+    assert r.returncode != 0 and "--i2t_steps" in r.stderr and "Traceback" not in r.stderr
+    r = run("sample.py", "--recon", str(tmp_path / "nothing.png"), "--ckpt", str(out / "ckpt.pt"))
+    assert r.returncode != 0 and r.stderr.strip().endswith("error: no image could be read from --recon")
+    assert "Traceback" not in r.stderr
 
 
 def test_sdpa_kernel_switch_gives_the_same_attention():

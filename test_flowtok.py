@@ -410,7 +410,6 @@ def test_sample_cli_errors(trained, tmp_path):
 
 
 def test_sdpa_kernel_switch_gives_the_same_attention():
-    import train
     from types import SimpleNamespace
     attn, x = ft.Attention(32, 4), torch.randn(2, 7, 32)
     reference = attn(x)  # PyTorch's own choice of kernel

@@ -136,6 +136,31 @@ def test_tokenizer_overfits_a_batch_and_scale_factor():
     assert abs(tok.latents(img, sample=False).std().item() - 1) < 1e-3
 
 
+def test_edge_mask_and_edge_weighted_loss():
+    img = torch.ones(1, 3, 16, 16)
+    assert ft.edge_mask(img).sum() == 0  # flat white: no outline
+    img[0, 0, 6:10, 6:10] = 0.2  # a 4x4 square: its 3x3 neighbourhoods touch it on rows/cols 5..10
+    mask = ft.edge_mask(img)
+    assert mask.shape == (1, 1, 16, 16)
+    assert mask.sum() == 6 * 6 - 2 * 2  # the 6x6 band minus the 2x2 inside that sees only the square
+    assert mask[0, 0, 5, 5] == 1 and mask[0, 0, 7, 7] == 0 and mask[0, 0, 0, 0] == 0
+    # edge_weight = 0 is the plain MSE; with a weight the loss is an average that counts outlines more
+    torch.manual_seed(0)
+    plain = ft.ImageTokenizer(dataclasses.replace(TINY_TOK, kl_weight=0.0))
+    edged = ft.ImageTokenizer(dataclasses.replace(TINY_TOK, kl_weight=0.0, edge_weight=8.0))
+    edged.load_state_dict(plain.state_dict())
+    img = data.ShapesWorld(32, seed=1).batch(4)[0]
+    torch.manual_seed(1)
+    loss0, stats0 = plain(img)
+    torch.manual_seed(1)
+    loss8, stats8 = edged(img)
+    assert torch.allclose(loss0, stats0["mse"]) and torch.allclose(stats8["mse"], stats0["mse"])
+    torch.manual_seed(1)
+    recon = edged.decode(ft.gaussian_sample(*edged.encode(img)))
+    w = 1 + 8 * ft.edge_mask(img)
+    assert torch.allclose(loss8, (w * (recon - img) ** 2).mean() / w.mean(), rtol=1e-5)
+
+
 def test_gan_loss_trains_discriminator_and_tokenizer_apart():
     """The discriminator learns from its hinge loss alone; the adversarial term reaches every
     tokenizer weight but no discriminator weight, and only from gan_start on."""

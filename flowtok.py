@@ -222,8 +222,6 @@ class TokenizerConfig:
     n_head: int = 4             # attention heads
     kl_weight: float = 1e-5     # tiny: keeps the latent bounded, not a prior to sample from
     edge_weight: float = 8.0    # extra reconstruction weight on pixels next to a colour edge; 0 = plain MSE
-    latent_noise: float = 0.1   # decoder trains on latents + this x their std x N(0, 1): it must then
-                                # decode the flow's slightly-off latents sharply, not as blobs; 0 = off
     gan_weight: float = 0.0     # patch-GAN loss, as a multiple of the MSE's gradient at the last
                                 # layer (adaptive weight); 0 = off, 0.1 is a reasonable start
     gan_start: int = 0          # tokenizer steps before the GAN loss reaches the tokenizer
@@ -327,11 +325,7 @@ class ImageTokenizer(nn.Module):
         """Reconstruction + KL (+ GAN) loss on a batch of images; returns (loss, stats). step: the
         training step, for the GAN's start (None: already started)."""
         mean, logvar = self.encode(img)
-        z = gaussian_sample(mean, logvar)
-        # The flow's samples land near, not on, the latents the encoder makes; without this noise
-        # the decoder has only ever seen exact codes and blurs whatever lies between them.
-        z = z + self.cfg.latent_noise * z.detach().std() * torch.randn_like(z)
-        recon = self.decode(z)
+        recon = self.decode(gaussian_sample(mean, logvar))
         # MSE, not L1: tried here, L1 sat at the blank white image (its median pixel) for 1400+ steps.
         # Weighted towards outlines: a blurred corner costs few pixels of MSE but turns a small
         # diamond into a circle, and most of the picture is flat colour that is learned early.

@@ -222,7 +222,7 @@ class TokenizerConfig:
     n_head: int = 4             # attention heads
     kl_weight: float = 1e-5     # tiny: keeps the latent bounded, not a prior to sample from
     edge_weight: float = 8.0    # extra reconstruction weight on pixels next to a colour edge; 0 = plain MSE
-    gan_weight: float = 0.0     # patch-GAN loss, as a multiple of the MSE's gradient at the last
+    gan_weight: float = 0.0     # patch-GAN loss, as a multiple of the reconstruction loss's gradient at the last
                                 # layer (adaptive weight); 0 = off, 0.1 is a reasonable start
     gan_start: int = 0          # tokenizer steps before the GAN loss reaches the tokenizer
     disc_width: int = 32        # discriminator channels: width, 2x, 4x over three stride-2 convs
@@ -339,12 +339,12 @@ class ImageTokenizer(nn.Module):
             loss = loss + self.gan_losses(img, recon, rec, step, stats)
         return loss, stats
 
-    def gan_losses(self, img, recon, mse, step, stats):
+    def gan_losses(self, img, recon, rec, step, stats):
         """Hinge GAN, VQGAN's recipe, in one backward pass with the reconstruction loss.
         The discriminator learns real vs (detached) reconstructions from step 0. From gan_start on,
         the tokenizer also gets -D(recon), through a copy of D whose weights are constants (so that
         term trains the tokenizer alone), scaled so that its gradient at the last layer is
-        gan_weight times the MSE's: the two losses' scales drift apart during training, and a
+        gan_weight times the reconstruction loss's: the two losses' scales drift apart in training, and a
         fixed weight ends up either doing nothing or drowning the reconstruction."""
         d_loss = F.relu(1 - self.disc(img)).mean() + F.relu(1 + self.disc(recon.detach())).mean()
         stats["disc"] = d_loss
@@ -353,10 +353,10 @@ class ImageTokenizer(nn.Module):
         frozen = {k: v.detach() for k, v in self.disc.named_parameters()}
         adv = -torch.func.functional_call(self.disc, frozen, (recon,)).mean()
         last = self.to_pixels.weight
-        g_mse = torch.autograd.grad(mse, last, retain_graph=True)[0].norm()
+        g_rec = torch.autograd.grad(rec, last, retain_graph=True)[0].norm()
         g_adv = torch.autograd.grad(adv, last, retain_graph=True)[0].norm()
         stats["adv"] = adv
-        return d_loss + self.cfg.gan_weight * (g_mse / (g_adv + 1e-6)).clamp(max=1e4).detach() * adv
+        return d_loss + self.cfg.gan_weight * (g_rec / (g_adv + 1e-6)).clamp(max=1e4).detach() * adv
 
     @torch.no_grad()
     def latents(self, img, sample=True):

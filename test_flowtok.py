@@ -454,7 +454,10 @@ def test_checkpoint_from_another_config_is_a_one_line_error(trained, tmp_path):
     assert r.returncode != 0 and "another version of nano FlowTok" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_train_cli_help_and_bad_flags():
+def test_train_cli_help_and_bad_flags(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--tok.edge_weight=-2"])
+    assert "--tok.edge_weight must be >= 0" in capsys.readouterr().err
     r = run("train.py", "-h")
     assert r.returncode == 0 and "--tok.width" in r.stdout and "--flow.cfg_prob" in r.stdout and "--resume" in r.stdout
     r = run("train.py", "--preset=huge")

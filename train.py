@@ -145,7 +145,10 @@ def parse_args(argv=None):
     tc = TrainConfig(**{k: v for k, v in settings.items() if "." not in k})
     if tc.stage not in ("all", "tokenizer", "flow"):
         p.error(f"--stage must be all, tokenizer or flow, not {tc.stage!r}")
-    return tc, ft.TokenizerConfig(**split("tok.")), split("flow."), cli
+    tok_cfg = ft.TokenizerConfig(**split("tok."))
+    if tok_cfg.edge_weight < 0:  # a weight below -1 would make the loss reward errors on outlines
+        p.error(f"--tok.edge_weight must be >= 0 (0 = plain MSE), not {tok_cfg.edge_weight}")
+    return tc, tok_cfg, split("flow."), cli
 
 # -----------------------------------------------------------------------------
 # device, precision, compile, DDP: every speed switch is set here, once

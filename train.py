@@ -219,11 +219,12 @@ class Run:
 
 
 def make_optimizer(model, lr, weight_decay, dev):
-    # decay only matrices (not biases, norms); fused AdamW on CUDA
+    # decay only matrices (not biases, norms). Fused AdamW on CUDA and on CPU: on a 2-core CPU the
+    # per-tensor loop of plain AdamW over the flow model's 16M parameters takes ~6x as long.
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=dev.type == "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=dev.type in ("cuda", "cpu"))
 
 
 def lr_at(step, total, peak, tc):
@@ -265,8 +266,8 @@ def clip_gradients(model, max_norm):
     hinge-loss gradients are large, and in one norm they would shrink every tokenizer step."""
     for disc in (False, True):
         params = [p for n, p in model.named_parameters() if n.startswith("disc.") == disc]
-        if params:
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if params:  # foreach: one kernel over all tensors (CPU's default is a per-tensor loop)
+            torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=params[0].device.type in ("cuda", "cpu"))
 
 
 def fit(run, tc, stage, model, loss_fn, steps, batch, lr, state, flops_per_sample, on_step=None, on_save=None):

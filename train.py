@@ -219,8 +219,8 @@ class Run:
 
 
 def make_optimizer(model, lr, weight_decay, dev):
-    # decay only matrices (not biases, norms). Fused AdamW on CUDA and on CPU: on a 2-core CPU the
-    # per-tensor loop of plain AdamW over the flow model's 16M parameters takes ~6x as long.
+    # decay only matrices (not biases, norms). Fused AdamW on CUDA and on CPU: with plain AdamW's
+    # per-tensor loop a 2-core CPU flow step took 1166 ms, fused 1035 ms, with the same losses.
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]

@@ -222,8 +222,8 @@ class TokenizerConfig:
     n_head: int = 4             # attention heads
     kl_weight: float = 1e-5     # tiny: keeps the latent bounded, not a prior to sample from
     edge_weight: float = 8.0    # extra reconstruction weight on pixels next to a colour edge; 0 = plain MSE
-    gan_weight: float = 0.0     # patch-GAN loss, as a multiple of the reconstruction loss's gradient at the last
-                                # layer (adaptive weight); 0 = off, 0.1 is a reasonable start
+    gan_weight: float = 0.0     # patch-GAN loss, as a multiple of the reconstruction loss's gradient
+                                # at the last layer (adaptive weight); 0 = off, 0.1 is a reasonable start
     gan_start: int = 0          # tokenizer steps before the GAN loss reaches the tokenizer
     disc_width: int = 32        # discriminator channels: width, 2x, 4x over three stride-2 convs
 

@@ -144,6 +144,8 @@ def test_edge_mask_and_edge_weighted_loss():
     assert mask.shape == (1, 1, 16, 16)
     assert mask.sum() == 6 * 6 - 2 * 2  # the 6x6 band minus the 2x2 inside that sees only the square
     assert mask[0, 0, 5, 5] == 1 and mask[0, 0, 7, 7] == 0 and mask[0, 0, 0, 0] == 0
+    x = torch.randn(2, 3, 9, 7)  # the separable 3x3 maximum is max-pooling's, borders included
+    assert torch.equal(ft.max3x3(x), F.max_pool2d(x, 3, 1, 1))
     # edge_weight = 0 is the plain MSE; with a weight the loss is an average that counts outlines more
     torch.manual_seed(0)
     plain = ft.ImageTokenizer(dataclasses.replace(TINY_TOK, kl_weight=0.0, edge_weight=0.0))

@@ -111,7 +111,8 @@ class MLP(nn.Module):
         self.proj = nn.Linear(ratio * dim, dim)
 
     def forward(self, x):
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        # exact (erf) GELU: on CPU the tanh approximation is ~5x slower, on GPU either is cheap
+        return self.proj(F.gelu(self.fc(x)))
 
 
 class Block(nn.Module):

@@ -44,11 +44,11 @@ class TrainConfig:
     text_tokenizer: str = "bpe"   # bpe (trained on the captions, offline) | gpt2 (needs tiktoken's cache)
     bpe_vocab: int = 512          # BPE vocabulary size at most (merges stop when no pair repeats)
     # tokenizer stage
-    tok_steps: int = 3000         # tokenizer optimizer steps
+    tok_steps: int = 5000         # tokenizer optimizer steps
     tok_batch: int = 32           # tokenizer images per step (per rank, per micro-step)
     tok_lr: float = 2e-3          # tokenizer peak learning rate
     # flow stage
-    flow_steps: int = 800         # flow optimizer steps
+    flow_steps: int = 1000        # flow optimizer steps
     flow_batch: int = 128         # flow (caption, image) pairs per step (per rank, per micro-step)
     flow_lr: float = 1e-3         # flow peak learning rate
     ema_decay: float = 0.999      # EMA of the flow model (what gets sampled); warmed up as (1+step)/(10+step)

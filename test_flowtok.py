@@ -466,6 +466,14 @@ def test_train_cli_help_and_bad_flags(capsys):
     assert r.returncode != 0 and "unknown preset" in r.stderr
 
 
+
+def test_cpu_bf16_picks_the_math_attention_kernel():
+    """Under CPU bf16, sdpa=auto means the math kernel (the fused one's bf16 backward is slow);
+    in fp32, or when a kernel is named, the choice is left as given."""
+    for flags, kernel in [(["--bf16=True"], "math"), (["--bf16=False"], "auto"), (["--bf16=True", "--sdpa=flash"], "flash")]:
+        tc = train.parse_args(["--device=cpu", *flags])[0]
+        assert train.Run(tc).sdpa == kernel
+
 def test_ddp_two_cpu_ranks_then_single_process_resume(tmp_path):
     r = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--preset=tiny",
             "--device=cpu", "--final_prompts=1", f"--out_dir={tmp_path}")

@@ -67,7 +67,7 @@ class TrainConfig:
                                   # straight (the backwards 'inverse' field uses sample_steps)
     cfg_scale: float = 2.0
     from_mean: bool = False       # start sampling at the text latent's mean instead of a sample
-    # speed switches (auto = on where it helps: CUDA)
+    # speed switches (auto = on where it helps: CUDA; bf16 also on AMX CPUs)
     bf16: str = "auto"            # bf16 autocast; auto: on where CUDA supports it, and on CPUs with AMX
     fp16: str = "True"            # CUDA without bf16: fp16 autocast + GradScaler
     compile: str = "auto"         # torch.compile; auto: on for CUDA (--compile=False on Windows / to debug)

@@ -176,7 +176,7 @@ class Run:
             torch.backends.cudnn.allow_tf32 = tc.tf32
         cuda_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
         # CPUs with AMX multiply bf16 ~4x faster than fp32 (690 vs 183 GFLOP/s on the 2-core dev
-        # machine at the flow's matrix sizes); without AMX bf16 is emulated and slower.
+        # machine at the flow's matrix sizes); CPUs without AMX are not measured and stay in fp32.
         cpu_bf16 = dev.type == "cpu" and getattr(torch.cpu, "get_capabilities", dict)().get("amx_bf16", False)
         self.bf16 = (cuda_bf16 or cpu_bf16) if tc.bf16 == "auto" else str2bool(tc.bf16)
         # GPUs without bf16: fp16 autocast, with a GradScaler against gradient underflow

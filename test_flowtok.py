@@ -81,6 +81,11 @@ def test_sdpa_attention_matches_manual():
     w = (q @ k.transpose(-1, -2) / math.sqrt(8)).softmax(-1)
     manual = attn.proj((w @ v).transpose(1, 2).reshape(2, 7, 32))
     assert torch.allclose(attn(x), manual, atol=1e-5)
+    try:
+        ft.Attention.manual = True  # --sdpa=manual: the same formula, written out in the model
+        assert torch.allclose(attn(x), manual, atol=1e-5)
+    finally:
+        ft.Attention.manual = False
 
 
 def test_adaln_zero_blocks_start_as_identity():
@@ -467,12 +472,16 @@ def test_train_cli_help_and_bad_flags(capsys):
 
 
 
-def test_cpu_bf16_picks_the_math_attention_kernel():
-    """Under CPU bf16, sdpa=auto means the math kernel (the fused one's bf16 backward is slow);
+def test_cpu_bf16_picks_the_written_out_attention():
+    """Under CPU bf16, sdpa=auto means the formula written out (SDPA's CPU kernels are slow there);
     in fp32, or when a kernel is named, the choice is left as given."""
-    for flags, kernel in [(["--bf16=True"], "math"), (["--bf16=False"], "auto"), (["--bf16=True", "--sdpa=flash"], "flash")]:
-        tc = train.parse_args(["--device=cpu", *flags])[0]
-        assert train.Run(tc).sdpa == kernel
+    try:
+        for flags, kernel in [(["--bf16=True"], "manual"), (["--bf16=False"], "auto"),
+                              (["--bf16=True", "--sdpa=flash"], "flash")]:
+            tc = train.parse_args(["--device=cpu", *flags])[0]
+            assert train.Run(tc).sdpa == kernel and ft.Attention.manual == (kernel == "manual")
+    finally:
+        ft.Attention.manual = False
 
 def test_ddp_two_cpu_ranks_then_single_process_resume(tmp_path):
     r = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--preset=tiny",
@@ -968,3 +977,22 @@ def test_latent_cache_stores_the_posterior_and_is_reused(tmp_path, capsys):
         tok.to_moments.bias.add_(1.0)  # a different tokenizer: rebuilt
     data.LatentCache(ds, str(tmp_path / "lat.npy"), tok)
     assert "5 images encoded" in capsys.readouterr().out
+
+
+def test_world_pool_encodes_its_own_stream_and_draws_from_the_training_generator():
+    tok = ft.ImageTokenizer(dataclasses.replace(TINY_TOK, image_size=64))
+    world = data.ShapesWorld(64, seed=3)
+    pool = data.WorldPool(world, tok, 6, seed=11, batch=4)
+    source = data.ShapesWorld(64, seed=11)  # the pool's pictures: its own seeded stream, in chunks of 4
+    img = torch.cat([source.batch(4)[0], source.batch(2)[0]])
+    mean, logvar = tok.encode(img)
+    assert torch.allclose(pool.moments[:, 0], mean, atol=1e-5) and torch.allclose(pool.moments[:, 1], logvar, atol=1e-5)
+    rebuilt = data.WorldPool(data.ShapesWorld(64, seed=99), tok, 6, seed=11, batch=4)  # a resumed run
+    assert torch.equal(rebuilt.moments, pool.moments) and rebuilt.specs == pool.specs
+    saved = world.state_dict()
+    m, lv, caps, specs = pool.batch(5)
+    assert m.shape == lv.shape == (5, 6, 4) and caps == [data.caption(s) for s in specs]
+    world.load_state_dict(saved)  # the draws follow the training stream's generator (checkpointed)
+    m2, _, caps2, _ = pool.batch(5)
+    assert torch.equal(m, m2) and caps == caps2
+    assert all(any(torch.equal(row, p) for p in pool.moments[:, 0]) for row in m)

@@ -40,11 +40,13 @@ class TrainConfig:
     data: str = ""                # your captioned images (imagefolder, .txt or COCO); empty: the shapes world
     image_root: str = ""          # COCO: the image folder, when it is not found next to the annotations
     latent_cache: bool = False    # --data: encode the images once (out_dir/latents.npy, memory-mapped), train the flow on it
+    latent_pool: int = 40000      # shapes world: the flow trains on this many pictures encoded once (0: render and
+                                  # encode every batch; on a CPU that is ~40 % of a flow step)
     hold_out: bool = True         # shapes world: keep the four held-out colour-shape pairs out of training
     text_tokenizer: str = "bpe"   # bpe (trained on the captions, offline) | gpt2 (needs tiktoken's cache)
     bpe_vocab: int = 512          # BPE vocabulary size at most (merges stop when no pair repeats)
     # tokenizer stage
-    tok_steps: int = 5000         # tokenizer optimizer steps
+    tok_steps: int = 6000         # tokenizer optimizer steps
     tok_batch: int = 32           # tokenizer images per step (per rank, per micro-step)
     tok_lr: float = 2e-3          # tokenizer peak learning rate
     # flow stage
@@ -72,7 +74,8 @@ class TrainConfig:
     fp16: str = "True"            # CUDA without bf16: fp16 autocast + GradScaler
     compile: str = "auto"         # torch.compile; auto: on for CUDA (--compile=False on Windows / to debug)
     tf32: bool = True             # TF32 matmuls on CUDA
-    sdpa: str = "auto"            # attention kernel: auto (PyTorch picks; math for CPU bf16) | flash | efficient | math
+    sdpa: str = "auto"            # attention: auto (PyTorch's SDPA picks; manual under CPU bf16) | flash | efficient
+                                  # | math (SDPA kernels) | manual (the formula written out, no SDPA)
     grad_accum: int = 1           # micro-steps per optimizer step
     peak_tflops: float = 0.0      # for MFU; 0 = 989 (H100/H200 bf16 dense) on CUDA, not shown elsewhere
 
@@ -93,7 +96,7 @@ PRESETS = {
     # your own photos on a CPU, in minutes: 64 px, longer captions (K = 32)
     "photo64": {"tok.num_tokens": 32, "tok_steps": 3000, "flow_steps": 1500, "eval_interval": 500},
     # for tests and smoke runs: seconds, not a useful model
-    "tiny": {"tok_steps": 20, "tok_batch": 8, "flow_steps": 20, "flow_batch": 16, "warmup": 5,
+    "tiny": {"tok_steps": 20, "tok_batch": 8, "flow_steps": 20, "flow_batch": 16, "warmup": 5, "latent_pool": 64,
              "tok.width": 32, "tok.enc_depth": 1, "tok.dec_depth": 1, "tok.n_head": 2,
              "flow.width": 32, "flow.depth": 1, "flow.n_head": 2, "flow.text_width": 32, "flow.text_depth": 1,
              "log_interval": 5, "eval_interval": 10, "eval_prompts": 2, "final_prompts": 2, "sample_steps": 2},
@@ -146,6 +149,8 @@ def parse_args(argv=None):
     if tc.stage not in ("all", "tokenizer", "flow"):
         p.error(f"--stage must be all, tokenizer or flow, not {tc.stage!r}")
     tok_cfg = ft.TokenizerConfig(**split("tok."))
+    if tc.latent_pool < 0:
+        p.error(f"--latent_pool must be >= 0 (0 = render and encode every flow batch), not {tc.latent_pool}")
     if tok_cfg.edge_weight < 0:  # a weight below -1 would make the loss reward errors on outlines
         p.error(f"--tok.edge_weight must be >= 0 (0 = plain MSE), not {tok_cfg.edge_weight}")
     return tc, tok_cfg, split("flow."), cli
@@ -185,11 +190,13 @@ class Run:
         self.autocast = torch.autocast(dev.type, dtype=dtype) if (self.bf16 or self.fp16) else nullcontext()
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.fp16)
         self.compile = dev.type == "cuda" if tc.compile == "auto" else str2bool(tc.compile)
-        if tc.sdpa not in ("auto", "flash", "efficient", "math"):
-            sys.exit(f"error: --sdpa must be auto, flash, efficient or math, not {tc.sdpa!r}")
-        # The CPU's fused SDPA kernel has a bf16 backward ~4x slower than the plain math one at
-        # our sequence lengths (16-80): under CPU bf16, auto means math.
-        self.sdpa = "math" if (tc.sdpa == "auto" and dev.type == "cpu" and self.bf16) else tc.sdpa
+        if tc.sdpa not in ("auto", "flash", "efficient", "math", "manual"):
+            sys.exit(f"error: --sdpa must be auto, flash, efficient, math or manual, not {tc.sdpa!r}")
+        # Under CPU bf16 the formula written out beats every SDPA kernel at our sequence lengths
+        # (16-80): a tokenizer step 150-167 ms against 205-237 with SDPA's math kernel, whose
+        # masking checks cost that much, while the fused kernel's bf16 backward is ~4x slower still.
+        self.sdpa = "manual" if (tc.sdpa == "auto" and dev.type == "cpu" and self.bf16) else tc.sdpa
+        ft.Attention.manual = self.sdpa == "manual"
         self.peak = (tc.peak_tflops or (989.0 if dev.type == "cuda" else 0.0)) * 1e12
         self.stop = False  # set by Ctrl-C; the loop saves a checkpoint at the next step boundary
         self.print(f"device {dev} | preset {tc.preset} | bf16 {self.bf16} | fp16 {self.fp16} | compile {self.compile} "
@@ -204,7 +211,7 @@ class Run:
 
     def attention(self):
         """The SDPA kernel for the model's attention: a fresh context each step."""
-        if self.sdpa == "auto":
+        if self.sdpa in ("auto", "manual"):
             return nullcontext()
         from torch.nn.attention import sdpa_kernel, SDPBackend
         return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -375,7 +382,12 @@ def train_flow(run, tc, tok, model, ema, text_tok, world, state):
     tok.eval().requires_grad_(False)
     t_start = time.time() - state.get("flow_seconds", 0.0)
 
-    cache = data.LatentCache(world, os.path.join(tc.out_dir, "latents.npy"), tok) if tc.latent_cache else None
+    cache = None
+    if tc.latent_cache:
+        cache = data.LatentCache(world, os.path.join(tc.out_dir, "latents.npy"), tok)
+    elif tc.latent_pool and not tc.data:
+        with run.autocast:  # the pool's seed lies past every rank's own stream (seed + rank)
+            cache = data.WorldPool(world, tok, tc.latent_pool, seed=tc.seed + run.world_size + run.rank)
 
     def loss_fn(net, step):
         if cache:  # pre-tokenized: re-sample the stored posterior

@@ -291,11 +291,11 @@ class WorldPool:
         source = ShapesWorld(world.image_size, world.hold_out, seed=seed, device=world.device)
         self.world, self.specs, moments = world, [], []
         t0 = time.time()
+        print(f"latent pool: encoding {n} pictures of the shapes world", flush=True)
         for start in range(0, n, batch):
             img, _, specs = source.batch(min(batch, n - start))
             moments.append(torch.stack(tok.encode(img), 1).float())  # (b, 2, K, C): mean, logvar
             self.specs += specs
-            print(f"latent pool: {len(self.specs)}/{n} pictures encoded", end="\r", flush=True)
         self.moments = torch.cat(moments)  # (n, 2, K, C)
         print(f"latent pool: {n} pictures encoded in {time.time() - t0:.0f} s")
 

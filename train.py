@@ -46,7 +46,7 @@ class TrainConfig:
     text_tokenizer: str = "bpe"   # bpe (trained on the captions, offline) | gpt2 (needs tiktoken's cache)
     bpe_vocab: int = 512          # BPE vocabulary size at most (merges stop when no pair repeats)
     # tokenizer stage
-    tok_steps: int = 6000         # tokenizer optimizer steps
+    tok_steps: int = 5000         # tokenizer optimizer steps
     tok_batch: int = 32           # tokenizer images per step (per rank, per micro-step)
     tok_lr: float = 2e-3          # tokenizer peak learning rate
     # flow stage

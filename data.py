@@ -280,7 +280,7 @@ class ShapesWorld:
 
 class WorldPool:
     """A fixed sample of the shapes world, encoded once by the frozen tokenizer, for the flow stage.
-    On a CPU, rendering and encoding each batch is ~40 % of a flow step; a pool of pictures drawn
+    On a CPU, rendering and encoding each batch is 20-40 % of a flow step; a pool of pictures drawn
     again and again (each draw re-samples the posterior, and the text side its own noise) buys that
     time back as flow steps. The pictures come from their own stream seeded by `seed`, so a resumed
     run rebuilds the same pool; which pictures a batch takes comes from `world`'s generator, which

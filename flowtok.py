@@ -92,7 +92,7 @@ def modulate(x, shift, scale):
 class Attention(nn.Module):
     # Class-wide switch (train.py --sdpa=manual): the formula written out instead of SDPA. Under
     # bf16 on a CPU, at our short sequences (16-80 tokens), it is the fastest: PyTorch's fused CPU
-    # kernel has a slow bf16 backward, and its math kernel spends ~25 % of a tokenizer step on
+    # kernel has a slow bf16 backward, and its math kernel spends 15-25 % of a tokenizer step on
     # masking checks we do not need.
     manual = False
 

@@ -41,7 +41,7 @@ class TrainConfig:
     image_root: str = ""          # COCO: the image folder, when it is not found next to the annotations
     latent_cache: bool = False    # --data: encode the images once (out_dir/latents.npy, memory-mapped), train the flow on it
     latent_pool: int = 40000      # shapes world: the flow trains on this many pictures encoded once (0: render and
-                                  # encode every batch; on a CPU that is ~40 % of a flow step)
+                                  # encode every batch; on a CPU that is 20-40 % of a flow step)
     hold_out: bool = True         # shapes world: keep the four held-out colour-shape pairs out of training
     text_tokenizer: str = "bpe"   # bpe (trained on the captions, offline) | gpt2 (needs tiktoken's cache)
     bpe_vocab: int = 512          # BPE vocabulary size at most (merges stop when no pair repeats)

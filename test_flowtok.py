@@ -465,6 +465,9 @@ def test_train_cli_help_and_bad_flags(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--tok.edge_weight=-2"])
     assert "--tok.edge_weight must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--latent_pool=-1"])
+    assert "--latent_pool must be >= 0" in capsys.readouterr().err
     r = run("train.py", "-h")
     assert r.returncode == 0 and "--tok.width" in r.stdout and "--flow.cfg_prob" in r.stdout and "--resume" in r.stdout
     r = run("train.py", "--preset=huge")

@@ -19,6 +19,7 @@ The flow convention, stated once and used everywhere (tests check it in closed f
 Image -> text uses the same path with the roles swapped (source = image latent at t = 0).
 """
 
+import functools
 import math
 import re
 import os
@@ -467,6 +468,7 @@ class TextTokenizer:
             raise ValueError(f"unknown text tokenizer {kind!r}: use 'bpe' or 'gpt2'")
         self.vocab_size = self.enc.n_vocab
         self.warned = False
+        self.encode_one = functools.lru_cache(maxsize=1 << 16)(self.encode_one)  # per instance
 
     @classmethod
     def train(cls, texts, length, vocab_size=512):
@@ -484,13 +486,18 @@ class TextTokenizer:
 
     def encode(self, texts):
         """list of str -> LongTensor (B, K) of ids, padded with pad_id."""
-        ids = self.enc.encode_ordinary_batch(list(texts))
-        if not self.warned and any(len(x) > self.length for x in ids):
-            longest = max(ids, key=len)
-            warnings.warn(f"caption of {len(longest)} tokens truncated to {self.length} "
-                          f"(raise --num_tokens to keep it): {self.enc.decode(longest)[:80]!r}")
+        return torch.tensor([self.encode_one(t) for t in texts])
+
+    def encode_one(self, text):
+        """str -> K ids. Memoised (see __init__): a flow step encodes 2 x 128 captions, drawn from the
+        few thousand the shapes world has; 128 took 8 ms uncached (tiktoken's batch call) and 0.5 ms
+        cached on a 2-core CPU, ~3 % of a flow step."""
+        ids = self.enc.encode_ordinary(text)
+        if not self.warned and len(ids) > self.length:
+            warnings.warn(f"caption of {len(ids)} tokens truncated to {self.length} "
+                          f"(raise --num_tokens to keep it): {text[:80]!r}")
             self.warned = True
-        return torch.tensor([x[:self.length] + [self.pad_id] * (self.length - len(x[:self.length])) for x in ids])
+        return tuple(ids[:self.length] + [self.pad_id] * (self.length - len(ids[:self.length])))
 
     def decode(self, ids):
         """(K,) ids -> str, up to the first pad."""

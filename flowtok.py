@@ -497,7 +497,8 @@ class TextTokenizer:
             warnings.warn(f"caption of {len(ids)} tokens truncated to {self.length} "
                           f"(raise --num_tokens to keep it): {text[:80]!r}")
             self.warned = True
-        return tuple(ids[:self.length] + [self.pad_id] * (self.length - len(ids[:self.length])))
+        ids = ids[:self.length]
+        return tuple(ids + [self.pad_id] * (self.length - len(ids)))
 
     def decode(self, ids):
         """(K,) ids -> str, up to the first pad."""

@@ -12,6 +12,7 @@ Any train.py setting can be passed through. Prints one markdown table. Sampling 
 import sys
 import time
 import argparse
+import dataclasses
 
 import torch
 
@@ -41,8 +42,8 @@ def bench_variant(tc, tok_cfg, flow_overrides, compiled, bf16, iters):
     run = train.Run(tc)
     dev = run.dev
     world = data.ShapesWorld(tok_cfg.image_size, seed=0, device=dev)
-    tok = ft.ImageTokenizer(tok_cfg).to(dev)
     text_tok = ft.TextTokenizer.train([data.caption(s) for s in world.sample_specs(2000)], tok_cfg.num_tokens)
+    tok = ft.ImageTokenizer(dataclasses.replace(tok_cfg, vocab_size=text_tok.vocab_size)).to(dev)
     model = ft.FlowTok(ft.FlowConfig(**{**flow_overrides, "vocab_size": text_tok.vocab_size,
                                         "num_tokens": tok_cfg.num_tokens, "token_dim": tok_cfg.token_dim})).to(dev)
     rows = {}
@@ -59,8 +60,9 @@ def bench_variant(tc, tok_cfg, flow_overrides, compiled, bf16, iters):
             opt.zero_grad(set_to_none=True)
         return step
 
-    img = world.batch(tc.tok_batch)[0]
-    dt = timed(step_fn(tok, lambda net: net(img), tc.tok_lr), iters, dev)
+    img, captions, _ = world.batch(tc.tok_batch)
+    ids = text_tok.encode(captions).to(dev)
+    dt = timed(step_fn(tok, lambda net: net(img, ids), tc.tok_lr), iters, dev)
     rows["tokenizer step"] = (dt, tc.tok_batch / dt, tok.flops() * tc.tok_batch / dt)
 
     img, captions, _ = world.batch(tc.flow_batch)

@@ -216,9 +216,14 @@ def transformer_flops(tokens, width, depth):
 #
 # encoder: patches (N = (S/p)^2 tokens) ; K learned latent tokens  -> ViT -> keep the K latent
 #          outputs -> mean, logvar (K x C) -> sample z
-# decoder: one shared mask token per patch (+ 2-D positions) ; Linear(z) -> ViT -> pixels
+# decoder: one shared mask token per patch (+ 2-D positions) ; Linear(z) ; caption tokens -> ViT
+#          -> pixels
 # The K latent tokens form a 1-D sequence with no grid of their own: each can describe any part of
 # the image, which is what makes K as small as the text length possible.
+# The decoder is text-aware, as FlowTok's (TA-TiTok's): it also reads the caption, so the latent
+# need not spell out what the words already say ("diamond": sharp corners), and at sampling time
+# the prompt itself helps draw the flow's output. A share of training captions is hidden from it,
+# so it still decodes with no caption (image -> text never needs one; --recon on bare images).
 
 @dataclass
 class TokenizerConfig:
@@ -232,6 +237,9 @@ class TokenizerConfig:
     n_head: int = 4             # attention heads
     kl_weight: float = 1e-5     # tiny: keeps the latent bounded, not a prior to sample from
     edge_weight: float = 8.0    # extra reconstruction weight on pixels next to a colour edge; 0 = plain MSE
+    text_aware: bool = True     # the decoder also reads the caption (FlowTok); False = image only
+    vocab_size: int = 0         # caption ids the decoder reads: set from the text tokenizer by train.py
+    text_drop: float = 0.1      # share of training captions hidden from the decoder ("no caption")
     gan_weight: float = 0.0     # patch-GAN loss, as a multiple of the reconstruction loss's gradient
                                 # at the last layer (adaptive weight); 0 = off, 0.1 is a reasonable start
     gan_start: int = 0          # tokenizer steps before the GAN loss reaches the tokenizer
@@ -295,6 +303,10 @@ class ImageTokenizer(nn.Module):
         self.mask_tokens = nn.Parameter(torch.zeros(1, W))
         self.latent_in = nn.Linear(C, W)
         self.latent_pos = nn.Parameter(torch.zeros(K, W))
+        if cfg.text_aware:  # id vocab_size stands for "no caption"; captions are K ids, like the latent
+            assert cfg.vocab_size > 0, "a text-aware tokenizer needs vocab_size (the text tokenizer's)"
+            self.text_in = nn.Embedding(cfg.vocab_size + 1, W)
+            self.text_pos = nn.Parameter(torch.zeros(K, W))
         self.decoder = nn.Sequential(*[Block(W, cfg.n_head) for _ in range(cfg.dec_depth)])
         self.dec_ln = nn.LayerNorm(W)
         self.to_pixels = nn.Linear(W, 3 * p * p)
@@ -313,7 +325,8 @@ class ImageTokenizer(nn.Module):
             return enc
         # with the GAN: three discriminator passes (real, detached fake, fake for the tokenizer), x3
         disc = 9 * self.disc.flops(c.image_size) if self.disc is not None else 0
-        return 3 * (enc + transformer_flops(T, c.width, c.dec_depth)) + disc
+        dec = transformer_flops(T + c.num_tokens * c.text_aware, c.width, c.dec_depth)
+        return 3 * (enc + dec) + disc
 
     def patchify(self, img):
         return rearrange(img, "b c (h p) (w q) -> b (h w) (p q c)", p=self.cfg.patch_size, q=self.cfg.patch_size)
@@ -331,19 +344,28 @@ class ImageTokenizer(nn.Module):
         mean, logvar = self.to_moments(x).chunk(2, dim=-1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def decode(self, z):
-        """z (B, K, C) -> image (B, 3, S, S), not clamped (clamp for display)."""
+    def decode(self, z, ids=None):
+        """z (B, K, C), caption ids (B, K) or None (no caption) -> image (B, 3, S, S), not clamped
+        (clamp for display). An image-only tokenizer ignores ids."""
         B, N = z.shape[0], self.patch_pos.shape[0]
         masks = (self.mask_tokens + self.patch_pos).expand(B, N, -1)  # (B, N, W)
-        x = torch.cat([masks, self.latent_in(z) + self.latent_pos], dim=1)  # (B, N + K, W)
+        x = [masks, self.latent_in(z) + self.latent_pos]
+        if self.cfg.text_aware:
+            if ids is None:
+                ids = torch.full(z.shape[:2], self.cfg.vocab_size, dtype=torch.long, device=z.device)
+            x.append(self.text_in(ids) + self.text_pos)
+        x = torch.cat(x, dim=1)  # (B, N + K [+ K caption tokens], W)
         x = self.dec_ln(self.decoder(x)[:, :N])  # (B, N, W): the patch positions carry the pixels
         return (self.unpatchify(self.to_pixels(x)) + 1) / 2
 
-    def forward(self, img, step=None):
-        """Reconstruction + KL (+ GAN) loss on a batch of images; returns (loss, stats). step: the
-        training step, for the GAN's start (None: already started)."""
+    def forward(self, img, ids=None, step=None):
+        """Reconstruction + KL (+ GAN) loss on a batch of images and their caption ids (B, K);
+        returns (loss, stats). step: the training step, for the GAN's start (None: already started)."""
         mean, logvar = self.encode(img)
-        recon = self.decode(gaussian_sample(mean, logvar))
+        if ids is not None and self.cfg.text_aware:  # hide some captions: "no caption" is id vocab_size
+            hide = torch.rand(ids.shape[0], 1, device=ids.device) < self.cfg.text_drop
+            ids = ids.masked_fill(hide, self.cfg.vocab_size)
+        recon = self.decode(gaussian_sample(mean, logvar), ids)
         # MSE, not L1: tried here, L1 sat at the blank white image (its median pixel) for 1400+ steps.
         # Weighted towards outlines: a blurred corner costs few pixels of MSE but turns a small
         # diamond into a circle, and most of the picture is flat colour that is learned early.
@@ -384,9 +406,9 @@ class ImageTokenizer(nn.Module):
         return (gaussian_sample(mean, logvar) if sample else mean) * self.scale_factor
 
     @torch.no_grad()
-    def images(self, z):
-        """Flow-space latents -> images in [0, 1]."""
-        return self.decode(z / self.scale_factor).clamp(0, 1)
+    def images(self, z, ids=None):
+        """Flow-space latents (and the caption ids they were drawn for) -> images in [0, 1]."""
+        return self.decode(z / self.scale_factor, ids).clamp(0, 1)
 
     @torch.no_grad()
     def fit_scale(self, batches):

@@ -58,11 +58,13 @@ def load_checkpoint(path, device="cpu"):
 
 
 def saved_config(cls, d, path):
-    """A config dataclass from a checkpoint; settings this version does not know are a one-line error."""
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise CheckpointError(f"{path} was written by another version of nano FlowTok (unknown {cls.__name__} "
-                              f"settings: {', '.join(sorted(unknown))}): retrain, or use that version")
+    """A config dataclass from a checkpoint; settings this version does not know, or that the
+    checkpoint lacks, are a one-line error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    for what, keys in (("unknown", set(d) - names), ("missing", names - set(d))):
+        if keys:
+            raise CheckpointError(f"{path} was written by another version of nano FlowTok ({what} {cls.__name__} "
+                                  f"settings: {', '.join(sorted(keys))}): retrain, or use that version")
     return cls(**d)
 
 
@@ -96,7 +98,7 @@ def text_to_image(tok, model, text_tok, prompts, steps=20, cfg_scale=2.0, from_m
     out = []
     for i in range(0, len(prompts), batch):
         ids = text_tok.encode(prompts[i:i + batch]).to(dev)
-        out.append(tok.images(model.generate(ids, steps, cfg_scale, from_mean, g)))
+        out.append(tok.images(model.generate(ids, steps, cfg_scale, from_mean, g), ids))
     return torch.cat(out)
 
 
@@ -157,20 +159,28 @@ def evaluate(tok, model, text_tok, tc, dev, n, directions=("t2i", "i2t"), invers
 
 
 @torch.no_grad()
-def evaluate_tokenizer(tok, dev, n, images=None):
+def evaluate_tokenizer(tok, dev, n, text_tok=None, images=None, captions=None):
     """PSNR (and, on the shapes world, judge accuracy) of reconstructions from the posterior mean:
-    of the given images, or of the evaluation renders (n per family and split)."""
-    def recon_psnr(img):
-        rec = tok.decode(tok.encode(img)[0]).clamp(0, 1)
+    of the given images, or of the evaluation renders (n per family and split). A text-aware decoder
+    reads the captions (as when it draws text -> image) if text_tok is given; 'recon_blind' decodes
+    the same latents without them: what the latent alone holds."""
+    def recon_psnr(img, caps):
+        ids = text_tok.encode(caps).to(dev) if caps is not None and text_tok is not None else None
+        rec = tok.decode(tok.encode(img)[0], ids).clamp(0, 1)
         mse = (rec - img).pow(2).flatten(1).mean(1)
         return rec, (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()
     if images is not None:
-        return {"recon": {"psnr": recon_psnr(images)[1]}}
+        return {"recon": {"psnr": recon_psnr(images, captions)[1]}}
     res = {}
     for split in ("seen", "heldout"):
         specs = data.eval_specs(split, n)
-        rec, psnr = recon_psnr(eval_images(tok, specs))
-        res[f"recon_{split}"] = {**data.accuracy(data.judge_images(rec, specs), specs), "psnr": psnr}
+        img = eval_images(tok, specs)
+        variants = {"recon": [data.caption(s) for s in specs]}
+        if tok.cfg.text_aware and text_tok is not None:
+            variants["recon_blind"] = None
+        for name, caps in variants.items():
+            rec, psnr = recon_psnr(img, caps)
+            res[f"{name}_{split}"] = {**data.accuracy(data.judge_images(rec, specs), specs), "psnr": psnr}
     return res
 
 
@@ -288,9 +298,10 @@ def reconstruct(tok, paths, dev, out, batch=256):
     if not imgs:
         sys.exit("error: no image could be read from --recon")
     imgs = torch.stack(imgs).to(dev)
-    psnr = [evaluate_tokenizer(tok, dev, 0, imgs[i:i + batch])["recon"]["psnr"] * len(imgs[i:i + batch])
+    psnr = [evaluate_tokenizer(tok, dev, 0, images=imgs[i:i + batch])["recon"]["psnr"] * len(imgs[i:i + batch])
             for i in range(0, len(imgs), batch)]
-    print(f"tokenizer reconstruction of {len(imgs)} images: PSNR {sum(psnr) / len(imgs):.2f} dB")
+    blind = " (decoded without captions)" if tok.cfg.text_aware else ""
+    print(f"tokenizer reconstruction of {len(imgs)} images: PSNR {sum(psnr) / len(imgs):.2f} dB{blind}")
     n = min(8, len(imgs))
     rec = tok.decode(tok.encode(imgs[:n])[0]).clamp(0, 1)
     save_grid(torch.cat([imgs[:n], rec]), [os.path.basename(p) for p in loaded[:n]] + ["reconstruction"] * n,

@@ -108,7 +108,7 @@ def test_sincos_positions():
 # image tokenizer
 
 TINY_TOK = ft.TokenizerConfig(image_size=32, patch_size=8, num_tokens=6, token_dim=4, width=32,
-                              enc_depth=1, dec_depth=1, n_head=2)
+                              enc_depth=1, dec_depth=1, n_head=2, vocab_size=20)
 
 
 def test_patchify_roundtrip_and_tokenizer_shapes():
@@ -139,6 +139,29 @@ def test_tokenizer_overfits_a_batch_and_scale_factor():
     assert losses[-1] < 0.3 * losses[0]
     tok.fit_scale([img])
     assert abs(tok.latents(img, sample=False).std().item() - 1) < 1e-3
+
+
+def test_text_aware_decoder_reads_the_caption():
+    """The decoder reads caption ids next to the latent; None means 'no caption', the id that
+    text_drop substitutes in training. An image-only tokenizer ignores ids."""
+    torch.manual_seed(0)
+    tok = ft.ImageTokenizer(dataclasses.replace(TINY_TOK))  # a copy: text_drop is changed below
+    z, ids = torch.randn(2, 6, 4), torch.randint(0, 20, (2, 6))
+    none = torch.full((2, 6), 20)  # id vocab_size: no caption
+    assert torch.equal(tok.decode(z), tok.decode(z, none))
+    assert not torch.allclose(tok.decode(z, ids), tok.decode(z))
+    img = data.ShapesWorld(32, seed=1).batch(2)[0]
+    for drop, same_as in ((1.0, None), (0.0, ids)):  # every caption hidden / none hidden
+        tok.cfg.text_drop = drop
+        torch.manual_seed(1)
+        loss = tok(img, ids)[0]
+        torch.manual_seed(1)
+        assert torch.equal(loss, tok(img, same_as)[0] if same_as is not None else tok(img, none)[0])
+    torch.manual_seed(1)
+    assert not torch.equal(loss, tok(img, none)[0])  # the caption changed the reconstruction
+    blind = ft.ImageTokenizer(dataclasses.replace(TINY_TOK, text_aware=False))
+    assert torch.equal(blind.decode(z, ids), blind.decode(z))
+    assert tok.flops() > blind.flops() and tok.flops(train=False) == blind.flops(train=False)
 
 
 def test_edge_mask_and_edge_weighted_loss():
@@ -177,7 +200,7 @@ def test_gan_loss_trains_discriminator_and_tokenizer_apart():
     def grads(step):
         torch.manual_seed(1)  # the same posterior sample both times
         tok.zero_grad()
-        loss, stats = tok(img, step)
+        loss, stats = tok(img, step=step)
         loss.backward()
         return {n: p.grad.clone() for n, p in tok.named_parameters()}, stats
     before, s0 = grads(9)
@@ -459,6 +482,11 @@ def test_checkpoint_from_another_config_is_a_one_line_error(trained, tmp_path):
     torch.save(state, tmp_path / "future.pt")
     r = run("sample.py", "--prompt", "a red circle", "--ckpt", str(tmp_path / "future.pt"))
     assert r.returncode != 0 and "another version of nano FlowTok" in r.stderr and "Traceback" not in r.stderr
+    del state["tok_cfg"]["some_future_setting"], state["tok_cfg"]["text_aware"]  # an older version's
+    torch.save(state, tmp_path / "past.pt")
+    r = run("sample.py", "--prompt", "a red circle", "--ckpt", str(tmp_path / "past.pt"))
+    assert r.returncode != 0 and "missing TokenizerConfig settings: text_aware" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_train_cli_help_and_bad_flags(capsys):

@@ -151,6 +151,8 @@ def parse_args(argv=None):
     tok_cfg = ft.TokenizerConfig(**split("tok."))
     if tc.latent_pool < 0:
         p.error(f"--latent_pool must be >= 0 (0 = render and encode every flow batch), not {tc.latent_pool}")
+    if not 0 <= tok_cfg.text_drop <= 1:
+        p.error(f"--tok.text_drop is a share of captions, between 0 and 1, not {tok_cfg.text_drop}")
     if tok_cfg.edge_weight < 0:  # a weight below -1 would make the loss reward errors on outlines
         p.error(f"--tok.edge_weight must be >= 0 (0 = plain MSE), not {tok_cfg.edge_weight}")
     return tc, tok_cfg, split("flow."), cli
@@ -352,16 +354,20 @@ def peek(world, n):
 # stage 1: the image tokenizer
 
 
-def train_tokenizer(run, tc, tok, world, state):
+def train_tokenizer(run, tc, tok, text_tok, world, state):
     def on_save(step, opt):
         if run.master:
             state.update(stage="tokenizer", step=step, tokenizer=tok.state_dict(), optimizer=opt.state_dict(),
                          world=world.state_dict(), rng=torch.get_rng_state(), tok_seconds=time.time() - t_start)
             save_checkpoint(state, tc.out_dir)
 
+    def loss_fn(net, step):
+        img, captions, _ = world.batch(tc.tok_batch)
+        return net(img, text_tok.encode(captions).to(run.dev, non_blocking=True), step)
+
     t_start = time.time() - state.get("tok_seconds", 0.0)
-    fit(run, tc, "tokenizer", tok, lambda net, step: net(world.batch(tc.tok_batch)[0], step), tc.tok_steps,
-        tc.tok_batch, tc.tok_lr, state, tok.flops(), on_save=on_save)
+    fit(run, tc, "tokenizer", tok, loss_fn, tc.tok_steps, tc.tok_batch, tc.tok_lr, state, tok.flops(),
+        on_save=on_save)
     state["tok_seconds"] = time.time() - t_start
     # after training: scale latents to unit std for the flow (rank 0's factor for every rank)
     scale = tok.fit_scale([peek(world, 512)[0]])
@@ -488,6 +494,17 @@ def main(argv=None):
         run.print(f"note: the checkpoint was trained on {state.get('data') or 'the shapes world'}; "
                   f"continuing on {tc.data or 'the shapes world'} from the start of its data order")
     state["data"] = tc.data
+    # text tokenizer: trained on a sample of the training captions (seconds), stored in the checkpoint;
+    # first, since the image tokenizer's decoder reads captions too
+    if state.get("text_tokenizer"):
+        text_tok = ft.TextTokenizer.from_state_dict(state["text_tokenizer"])
+    elif tc.text_tokenizer == "bpe":
+        text_tok = ft.TextTokenizer.train(world.captions(), tok_cfg.num_tokens, tc.bpe_vocab)
+    else:
+        text_tok = ft.TextTokenizer(tok_cfg.num_tokens, tc.text_tokenizer)
+    state["text_tokenizer"] = text_tok.state_dict()
+    if tok_cfg.text_aware:
+        tok_cfg = dataclasses.replace(tok_cfg, vocab_size=text_tok.vocab_size)
     tok = ft.ImageTokenizer(tok_cfg).to(run.dev)
     run.print(f"image tokenizer: {ft.param_count(tok) / 1e6:.2f}M parameters, "
               f"{tok_cfg.num_tokens} x {tok_cfg.token_dim} latent")
@@ -497,24 +514,17 @@ def main(argv=None):
     state.setdefault("train_cfg", dataclasses.asdict(tc))
 
     if tc.stage in ("all", "tokenizer") and state.get("stage") in (None, "tokenizer"):
-        train_tokenizer(run, tc, tok, world, state)
+        train_tokenizer(run, tc, tok, text_tok, world, state)
         run.print(f"tokenizer stage done in {(time.time() - t0) / 60:.1f} min")
         if run.master:
-            res = evaluate_tokenizer(tok, run.dev, tc.final_prompts, None if not tc.data else peek(world, 256)[0])
+            img, captions, _ = peek(world, 256) if tc.data else (None, None, None)
+            res = evaluate_tokenizer(tok, run.dev, tc.final_prompts, text_tok, img, captions)
             run.print("tokenizer reconstructions: " + report(res))
     if tc.stage == "tokenizer":
         return
     if not state.get("tokenizer"):
         sys.exit(f"error: no trained tokenizer in {tc.out_dir}/ckpt.pt: run python train.py --stage=tokenizer first")
 
-    # text tokenizer: trained on a sample of the training captions (seconds), stored in the checkpoint
-    if state.get("text_tokenizer"):
-        text_tok = ft.TextTokenizer.from_state_dict(state["text_tokenizer"])
-    elif tc.text_tokenizer == "bpe":
-        text_tok = ft.TextTokenizer.train(world.captions(), tok_cfg.num_tokens, tc.bpe_vocab)
-    else:
-        text_tok = ft.TextTokenizer(tok_cfg.num_tokens, tc.text_tokenizer)
-    state["text_tokenizer"] = text_tok.state_dict()
     flow_cfg = ft.FlowConfig(**{**state.get("flow_cfg", flow_overrides), "vocab_size": text_tok.vocab_size,
                                 "num_tokens": tok_cfg.num_tokens, "token_dim": tok_cfg.token_dim})
     state["flow_cfg"] = dataclasses.asdict(flow_cfg)
@@ -535,7 +545,7 @@ def main(argv=None):
     grid_prompts(tok, ema, text_tok, tc, run.dev, path, world)
     if tc.data:  # no judge for free text: reconstruction quality, and captions for a few of your images
         img, caps, _ = peek(world, 8)
-        res = evaluate_tokenizer(tok, run.dev, 0, img)
+        res = evaluate_tokenizer(tok, run.dev, 0, text_tok, img, caps)
         for truth, said in zip(caps, image_to_text(tok, ema, text_tok, img, i2t_steps(ema, tc))):
             print(f"image -> text: {said!r} (its caption: {truth!r})")
     else:

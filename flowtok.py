@@ -220,10 +220,12 @@ def transformer_flops(tokens, width, depth):
 #          -> pixels
 # The K latent tokens form a 1-D sequence with no grid of their own: each can describe any part of
 # the image, which is what makes K as small as the text length possible.
-# The decoder is text-aware, as FlowTok's (TA-TiTok's): it also reads the caption, so the latent
-# need not spell out what the words already say ("diamond": sharp corners), and at sampling time
-# the prompt itself helps draw the flow's output. A share of training captions is hidden from it,
-# so it still decodes with no caption (image -> text never needs one; --recon on bare images).
+# FlowTok's decoder is text-aware (TA-TiTok's): it also reads the caption, so the latent need not
+# spell out what the words already say ("diamond": sharp corners), and at sampling time the prompt
+# itself helps draw the flow's output. A share of training captions is hidden from it, so it still
+# decodes with no caption. Here it is a switch (text_aware), off by default: it lifts text -> image
+# but the latent then keeps less of the shapes, and image -> text, which reads only the latent,
+# loses (README: "The decoder reads the caption").
 
 @dataclass
 class TokenizerConfig:
@@ -237,7 +239,7 @@ class TokenizerConfig:
     n_head: int = 4             # attention heads
     kl_weight: float = 1e-5     # tiny: keeps the latent bounded, not a prior to sample from
     edge_weight: float = 8.0    # extra reconstruction weight on pixels next to a colour edge; 0 = plain MSE
-    text_aware: bool = True     # the decoder also reads the caption (FlowTok); False = image only
+    text_aware: bool = False    # the decoder also reads the caption (FlowTok): better text -> image, worse image -> text
     vocab_size: int = 0         # caption ids the decoder reads: set from the text tokenizer by train.py
     text_drop: float = 0.1      # share of training captions hidden from the decoder ("no caption")
     gan_weight: float = 0.0     # patch-GAN loss, as a multiple of the reconstruction loss's gradient

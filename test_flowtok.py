@@ -108,7 +108,7 @@ def test_sincos_positions():
 # image tokenizer
 
 TINY_TOK = ft.TokenizerConfig(image_size=32, patch_size=8, num_tokens=6, token_dim=4, width=32,
-                              enc_depth=1, dec_depth=1, n_head=2, vocab_size=20)
+                              enc_depth=1, dec_depth=1, n_head=2, text_aware=True, vocab_size=20)
 
 
 def test_patchify_roundtrip_and_tokenizer_shapes():
@@ -377,7 +377,7 @@ def run(*args, cwd=HERE):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    r = run("train.py", "--preset=tiny", f"--out_dir={out}")
+    r = run("train.py", "--preset=tiny", "--tok.text_aware", f"--out_dir={out}")  # the decoder reads captions
     assert r.returncode == 0, r.stderr
     return out, r.stdout
 
@@ -385,11 +385,13 @@ def trained(tmp_path_factory):
 def test_train_cli_writes_checkpoint_grid_and_report(trained):
     out, log = trained
     assert "ETA" in log and "final report" in log and "t2i_heldout" in log and "i2t_seen" in log
+    assert "recon_seen" in log and "recon_blind_heldout" in log  # with and without the captions
     for name in ("ckpt.pt", "samples_final.png", "report.json", "evals.jsonl"):
         assert (out / name).exists(), name
     assert not (out / "ckpt.pt.tmp").exists()
     state = torch.load(out / "ckpt.pt", weights_only=True)  # plain data only
     assert state["stage"] == "flow" and state["step"] == 20 and state["text_tokenizer"]["kind"] == "bpe"
+    assert state["tok_cfg"]["text_aware"] and "text_in.weight" in state["tokenizer"]
     assert not any("_orig_mod" in k for k in state["flow"])
     with Image.open(out / "samples_final.png") as im:
         assert im.size[0] > 0 and im.mode == "RGB"

@@ -503,8 +503,7 @@ def main(argv=None):
     else:
         text_tok = ft.TextTokenizer(tok_cfg.num_tokens, tc.text_tokenizer)
     state["text_tokenizer"] = text_tok.state_dict()
-    if tok_cfg.text_aware:
-        tok_cfg = dataclasses.replace(tok_cfg, vocab_size=text_tok.vocab_size)
+    tok_cfg = dataclasses.replace(tok_cfg, vocab_size=text_tok.vocab_size)
     tok = ft.ImageTokenizer(tok_cfg).to(run.dev)
     run.print(f"image tokenizer: {ft.param_count(tok) / 1e6:.2f}M parameters, "
               f"{tok_cfg.num_tokens} x {tok_cfg.token_dim} latent")

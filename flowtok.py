@@ -216,7 +216,7 @@ def transformer_flops(tokens, width, depth):
 #
 # encoder: patches (N = (S/p)^2 tokens) ; K learned latent tokens  -> ViT -> keep the K latent
 #          outputs -> mean, logvar (K x C) -> sample z
-# decoder: one shared mask token per patch (+ 2-D positions) ; Linear(z) ; caption tokens -> ViT
+# decoder: one shared mask token per patch (+ 2-D positions) ; Linear(z) [; caption tokens] -> ViT
 #          -> pixels
 # The K latent tokens form a 1-D sequence with no grid of their own: each can describe any part of
 # the image, which is what makes K as small as the text length possible.

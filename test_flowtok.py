@@ -498,11 +498,13 @@ def test_train_cli_help_and_bad_flags(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--latent_pool=-1"])
     assert "--latent_pool must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--tok.text_drop=1.5"])
+    assert "--tok.text_drop is a share of captions, between 0 and 1" in capsys.readouterr().err
     r = run("train.py", "-h")
     assert r.returncode == 0 and "--tok.width" in r.stdout and "--flow.cfg_prob" in r.stdout and "--resume" in r.stdout
     r = run("train.py", "--preset=huge")
     assert r.returncode != 0 and "unknown preset" in r.stderr
-
 
 
 def test_cpu_bf16_picks_the_written_out_attention():

@@ -239,7 +239,7 @@ class TokenizerConfig:
     n_head: int = 4             # attention heads
     kl_weight: float = 1e-5     # tiny: keeps the latent bounded, not a prior to sample from
     edge_weight: float = 8.0    # extra reconstruction weight on pixels next to a colour edge; 0 = plain MSE
-    text_aware: bool = False    # the decoder also reads the caption (FlowTok): better text -> image, worse image -> text
+    text_aware: bool = True     # the decoder also reads the caption (FlowTok); False: image-only
     vocab_size: int = 0         # caption ids the decoder reads: set from the text tokenizer by train.py
     text_drop: float = 0.1      # share of training captions hidden from the decoder ("no caption")
     gan_weight: float = 0.0     # patch-GAN loss, as a multiple of the reconstruction loss's gradient
@@ -372,7 +372,7 @@ class ImageTokenizer(nn.Module):
         # Weighted towards outlines: a blurred corner costs few pixels of MSE but turns a small
         # diamond into a circle, and most of the picture is flat colour that is learned early.
         err = (recon - img).pow(2)
-        w = 1 + self.cfg.edge_weight * edge_mask(img)  # (B, 1, S, S)
+        w = self.pixel_weights(img)  # (B, 1, S, S)
         rec = (w * err).mean() / w.mean()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         stats = {"mse": err.mean(), "kl": kl}
@@ -380,6 +380,9 @@ class ImageTokenizer(nn.Module):
         if self.disc is not None:
             loss = loss + self.gan_losses(img, recon, rec, step, stats)
         return loss, stats
+
+    def pixel_weights(self, img):
+        return 1 + self.cfg.edge_weight * edge_mask(img)
 
     def gan_losses(self, img, recon, rec, step, stats):
         """Hinge GAN, VQGAN's recipe, in one backward pass with the reconstruction loss.
@@ -411,6 +414,12 @@ class ImageTokenizer(nn.Module):
     def images(self, z, ids=None):
         """Flow-space latents (and the caption ids they were drawn for) -> images in [0, 1]."""
         return self.decode(z / self.scale_factor, ids).clamp(0, 1)
+
+    @torch.no_grad()
+    def redraw_error(self, img, z, ids):
+        """Per picture (B,): the edge-weighted squared error of the picture the decoder draws from
+        flow-space latents z and caption ids against img. Image -> text ranks captions by it."""
+        return (self.pixel_weights(img) * (self.images(z, ids) - img).pow(2)).flatten(1).sum(1)
 
     @torch.no_grad()
     def fit_scale(self, batches):
@@ -744,19 +753,23 @@ class FlowTok(nn.Module):
         return euler(lambda x, t: guided(self, x, t, cfg_scale), x0, steps)
 
     @torch.no_grad()
-    def caption_ids(self, z_img, steps=20, inverse=None, generator=None):
-        """Image latents (B, K, C) -> token ids (B, K). inverse (the default for i2t='inverse', a
-        switch for any model) integrates the text->image field backwards from t=1 to t=0 instead,
-        with no image->text training at all. With a generator, tokens are drawn from the decoder's
-        distribution instead of taking the most likely one (alternative captions)."""
+    def caption_logits(self, z_img, steps=20, inverse=None):
+        """Image latents (B, K, C) -> the text decoder's logits (B, K, vocab) at the end of the
+        image -> text path. inverse (the default for i2t='inverse', a switch for any model)
+        integrates the text->image field backwards from t=1 to t=0 instead, with no image->text
+        training at all."""
         if self.cfg.i2t == "inverse" if inverse is None else inverse:
             z_txt = euler(lambda x, t: self.velocity(x, t, direction=0), z_img, steps, 1.0, 0.0)
         else:
             z_txt = euler(lambda x, t: self.velocity(x, t, direction=1), z_img, steps)
-        logits = self.text_decoder(z_txt)  # (B, K, vocab)
-        if generator is None:
-            return logits.argmax(-1)
-        return torch.multinomial(logits.softmax(-1).flatten(0, 1), 1, generator=generator).view(logits.shape[:2])
+        return self.text_decoder(z_txt)
+
+    @torch.no_grad()
+    def caption_ids(self, z_img, steps=20, inverse=None, generator=None):
+        """Image latents (B, K, C) -> token ids (B, K): the most likely tokens, or with a generator,
+        tokens drawn from the decoder's distribution (alternative captions)."""
+        return pick_tokens(self.caption_logits(z_img, steps, inverse), generator)
+
 
 # -----------------------------------------------------------------------------
 # Euler ODE sampler with classifier-free guidance
@@ -776,3 +789,31 @@ def euler(velocity, x, steps, t_start=0.0, t_end=1.0):
     for t0, t1 in zip(ts[:-1], ts[1:]):
         x = x + (t1 - t0) * velocity(x, t0)
     return x
+
+
+# image -> text: the text decoder's reading, checked by the text-aware image decoder
+
+def pick_tokens(logits, generator=None):
+    """Logits (B, K, vocab) -> ids (B, K): the most likely, or drawn with the generator."""
+    if generator is None:
+        return logits.argmax(-1)
+    return torch.multinomial(logits.softmax(-1).flatten(0, 1), 1, generator=generator).view(logits.shape[:2])
+
+
+@torch.no_grad()
+def caption_candidates(tok, model, img, n, steps=1, inverse=None, generator=None):
+    """Image -> text with a check FlowTok does not have: images (B, 3, S, S) -> n candidate
+    captions per image (B, n, K), best first. Candidate 0 is the text decoder's most likely tokens;
+    the others are drawn from its distribution (by default the same draws for every call). A
+    text-aware tokenizer then ranks them by how well its decoder redraws the picture from the latent
+    and the caption: it was trained to take from the words what the latent leaves out (mostly the
+    shapes), so a wrong word draws a wrong picture. An image-only tokenizer cannot tell them apart:
+    they keep that order."""
+    z = tok.latents(img, sample=False)
+    logits = model.caption_logits(z, steps, inverse)  # (B, K, vocab)
+    generator = generator or torch.Generator(img.device).manual_seed(0)
+    cands = torch.stack([logits.argmax(-1)] + [pick_tokens(logits, generator) for _ in range(n - 1)], 1)
+    if tok.cfg.text_aware and n > 1:
+        err = torch.stack([tok.redraw_error(img, z, cands[:, i]) for i in range(n)], 1)  # (B, n)
+        cands = cands.gather(1, err.argsort(dim=1, stable=True)[..., None].expand_as(cands))
+    return cands  # (B, n, K)

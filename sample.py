@@ -103,11 +103,12 @@ def text_to_image(tok, model, text_tok, prompts, steps=20, cfg_scale=2.0, from_m
 
 
 @torch.no_grad()
-def image_to_text(tok, model, text_tok, images, steps=20, inverse=None, generator=None, batch=256):
-    """images (B, 3, S, S) in [0, 1] -> list of B captions (see FlowTok.caption_ids)."""
+def image_to_text(tok, model, text_tok, images, steps=20, inverse=None, candidates=1, batch=256):
+    """images (B, 3, S, S) in [0, 1] -> list of B captions: the best of `candidates` (see
+    flowtok.caption_candidates; 1 = the text decoder's most likely tokens, unchecked)."""
     out = []
     for i in range(0, len(images), batch):
-        ids = model.caption_ids(tok.latents(images[i:i + batch], sample=False), steps, inverse, generator)
+        ids = ft.caption_candidates(tok, model, images[i:i + batch], candidates, steps, inverse)[:, 0]
         out += [text_tok.decode(x) for x in ids]
     return out
 
@@ -141,10 +142,11 @@ def evaluate(tok, model, text_tok, tc, dev, n, directions=("t2i", "i2t"), invers
         res[f"t2i_{split}"] = data.accuracy(data.judge_images(imgs, specs), specs)
         if "i2t" not in directions:
             continue
-        caps = image_to_text(tok, model, text_tok, eval_images(tok, specs), i2t_steps(model, tc, inverse), inverse)
+        read = dict(steps=i2t_steps(model, tc, inverse), inverse=inverse, candidates=tc.i2t_candidates)
+        caps = image_to_text(tok, model, text_tok, eval_images(tok, specs), **read)
         res[f"i2t_{split}"] = data.accuracy(data.judge_captions(caps, specs), specs)
         # text -> image -> text: is the caption of the generated image the prompt?
-        back = image_to_text(tok, model, text_tok, imgs, i2t_steps(model, tc, inverse), inverse)
+        back = image_to_text(tok, model, text_tok, imgs, **read)
         res[f"t2i2t_{split}"] = data.accuracy(data.judge_captions(back, specs), specs)
         # image -> text -> image: does the picture drawn from the caption pass for the original spec?
         with warnings.catch_warnings():  # the captions are model output: over-long ones are just wrong
@@ -227,7 +229,7 @@ def wrap(text, width):
 # -----------------------------------------------------------------------------
 
 
-def sweep(tok, model, text_tok, ckpt_dir, n, dev, from_mean):
+def sweep(tok, model, text_tok, ckpt_dir, n, dev, from_mean, candidates):
     """Text -> image accuracy vs Euler steps x CFG scale, image -> text accuracy vs steps, and
     accuracy vs training minutes (from evals.jsonl)."""
     print(f"text -> image judge accuracy, {n} prompts per family and split, source: "
@@ -241,14 +243,15 @@ def sweep(tok, model, text_tok, ckpt_dir, n, dev, from_mean):
             s, h = r["t2i_seen"], r["t2i_heldout"]
             print(f"| {steps} | {cfg:g} | {s['overall']:.3f} | {h['overall']:.3f} | {s['single']:.3f} | "
                   f"{s['relation']:.3f} | {s['count']:.3f} |", flush=True)
-    print(f"\nimage -> text exact-caption accuracy vs Euler steps, {n} images per family and split")
+    print(f"\nimage -> text exact-caption accuracy vs Euler steps, {n} images per family and split, "
+          f"best of {candidates} candidate captions")
     print("| steps | seen overall | held-out overall | seen single | seen relation | seen count |")
     print("|---|---|---|---|---|---|")
     for steps in (1, 2, 4, 8, 20):
         acc = {}
         for split in ("seen", "heldout"):
             specs = data.eval_specs(split, n)
-            caps = image_to_text(tok, model, text_tok, eval_images(tok, specs), steps)
+            caps = image_to_text(tok, model, text_tok, eval_images(tok, specs), steps, candidates=candidates)
             acc[split] = data.accuracy(data.judge_captions(caps, specs), specs)
         s = acc["seen"]
         print(f"| {steps} | {s['overall']:.3f} | {acc['heldout']['overall']:.3f} | {s['single']:.3f} | "
@@ -321,6 +324,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20,
                    help="Euler steps (text -> image, and image -> text with --inverse)")
     p.add_argument("--i2t_steps", type=int, default=1, help="Euler steps image -> text (its paths are straight)")
+    p.add_argument("--candidates", type=int, default=16,
+                   help="image -> text: captions drawn per image, ranked by a text-aware tokenizer's redrawing")
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--from_mean", action="store_true", help="start at the text latent's mean, not a sample")
     p.add_argument("--seed", type=int, default=0)
@@ -343,9 +348,10 @@ def main(argv=None):
     if not (prompts or a.image or a.sweep or a.eval or a.recon):
         sys.exit("error: nothing to do: give --prompt TEXT, --prompts_file FILE, --image PATH, --recon PATH, "
                  "--sweep or --eval")
-    if min(a.steps, a.i2t_steps, a.num_samples) < 1:
-        sys.exit("error: --steps, --i2t_steps and --num_samples must be at least 1")
-    settings = SimpleNamespace(sample_steps=a.steps, i2t_steps=a.i2t_steps, cfg_scale=a.cfg, from_mean=a.from_mean)
+    if min(a.steps, a.i2t_steps, a.num_samples, a.candidates) < 1:
+        sys.exit("error: --steps, --i2t_steps, --num_samples and --candidates must be at least 1")
+    settings = SimpleNamespace(sample_steps=a.steps, i2t_steps=a.i2t_steps, cfg_scale=a.cfg, from_mean=a.from_mean,
+                               i2t_candidates=a.candidates)
     dev = torch.device(a.device if a.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     torch.set_flush_denormal(True)
     try:
@@ -360,7 +366,7 @@ def main(argv=None):
     if a.eval:
         print(report(evaluate(tok, model, text_tok, settings, dev, a.sweep_prompts, inverse=a.inverse or None), True))
     if a.sweep:
-        sweep(tok, model, text_tok, os.path.dirname(a.ckpt), a.sweep_prompts, dev, a.from_mean)
+        sweep(tok, model, text_tok, os.path.dirname(a.ckpt), a.sweep_prompts, dev, a.from_mean, a.candidates)
     if prompts:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
@@ -376,12 +382,10 @@ def main(argv=None):
             img = img.to(dev)
             inverse = a.inverse or None  # None: the model's own way (its i2t mode)
             steps = i2t_steps(model, settings, inverse)
-            caps = image_to_text(tok, model, text_tok, img[None], steps, inverse)
-            if a.num_samples > 1:  # alternatives: tokens drawn from the decoder instead of the most likely
-                g = torch.Generator(dev).manual_seed(a.seed)
-                caps += image_to_text(tok, model, text_tok, img[None].expand(a.num_samples - 1, -1, -1, -1), steps,
-                                      inverse, g)
-            print(f"{path}: " + " | ".join(dict.fromkeys(caps)))
+            g = torch.Generator(dev).manual_seed(a.seed)
+            cands = ft.caption_candidates(tok, model, img[None], max(a.candidates, a.num_samples), steps, inverse, g)
+            caps = list(dict.fromkeys(text_tok.decode(x) for x in cands[0]))  # best first, each once
+            print(f"{path}: " + " | ".join(caps[:a.num_samples]))
     if failed:
         sys.exit(1)
 

@@ -338,6 +338,26 @@ def test_same_seed_same_samples():
     assert torch.equal(model.caption_ids(z, 3), model.caption_ids(z, 3))
 
 
+def test_caption_candidates_are_ranked_by_the_text_aware_redrawing():
+    """Image -> text's candidates: the most likely caption, then draws, the same on every call;
+    a text-aware tokenizer orders them by its decoder's redraw error, an image-only one cannot."""
+    torch.manual_seed(0)
+    model = perturbed(tiny_flow(300, "dedicated"))
+    img = data.ShapesWorld(32, seed=1).batch(3)[0]
+    for aware in (True, False):
+        tok = perturbed(ft.ImageTokenizer(dataclasses.replace(TINY_TOK, text_aware=aware, vocab_size=300)), 1)
+        z = tok.latents(img, sample=False)
+        cands = ft.caption_candidates(tok, model, img, 8)
+        assert cands.shape == (3, 8, 6) and torch.equal(cands, ft.caption_candidates(tok, model, img, 8))
+        most_likely = model.caption_ids(z, 1)
+        assert torch.equal(ft.caption_candidates(tok, model, img, 1)[:, 0], most_likely)
+        err = torch.stack([tok.redraw_error(img, z, cands[:, i]) for i in range(8)], 1)  # (3, 8)
+        if aware:
+            assert (err.diff(dim=1) >= 0).all() and (err[:, 0] < err[:, -1]).all()  # best first, and it mattered
+        else:
+            assert torch.equal(cands[:, 0], most_likely) and torch.equal(err, err[:, :1].expand_as(err))
+
+
 def test_inverse_captioning_runs_the_text_to_image_field_backwards():
     model, z = perturbed(tiny_flow(300)), torch.randn(3, 6, 4)
     back = ft.euler(lambda x, t: model.velocity(x, t, direction=0), z, 3, 1.0, 0.0)
@@ -377,7 +397,7 @@ def run(*args, cwd=HERE):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    r = run("train.py", "--preset=tiny", "--tok.text_aware", f"--out_dir={out}")  # the decoder reads captions
+    r = run("train.py", "--preset=tiny", f"--out_dir={out}")
     assert r.returncode == 0, r.stderr
     return out, r.stdout
 
@@ -501,6 +521,9 @@ def test_train_cli_help_and_bad_flags(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--tok.text_drop=1.5"])
     assert "--tok.text_drop is a share of captions, between 0 and 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--i2t_candidates=0"])
+    assert "--i2t_candidates must be >= 1" in capsys.readouterr().err
     r = run("train.py", "-h")
     assert r.returncode == 0 and "--tok.width" in r.stdout and "--flow.cfg_prob" in r.stdout and "--resume" in r.stdout
     r = run("train.py", "--preset=huge")

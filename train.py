@@ -67,6 +67,8 @@ class TrainConfig:
     sample_steps: int = 20        # Euler steps
     i2t_steps: int = 1            # Euler steps image -> text: one end point per caption makes its paths
                                   # straight (the backwards 'inverse' field uses sample_steps)
+    i2t_candidates: int = 16      # image -> text: captions drawn per image, the one a text-aware tokenizer
+                                  # redraws the picture best from kept (1 = the most likely, unchecked)
     cfg_scale: float = 2.0
     from_mean: bool = False       # start sampling at the text latent's mean instead of a sample
     # speed switches (auto = on where it helps: CUDA; bf16 also on AMX CPUs)
@@ -153,6 +155,8 @@ def parse_args(argv=None):
         p.error(f"--latent_pool must be >= 0 (0 = render and encode every flow batch), not {tc.latent_pool}")
     if not 0 <= tok_cfg.text_drop <= 1:
         p.error(f"--tok.text_drop is a share of captions, between 0 and 1, not {tok_cfg.text_drop}")
+    if tc.i2t_candidates < 1:
+        p.error(f"--i2t_candidates must be >= 1 (1 = the most likely caption, unchecked), not {tc.i2t_candidates}")
     if tok_cfg.edge_weight < 0:  # a weight below -1 would make the loss reward errors on outlines
         p.error(f"--tok.edge_weight must be >= 0 (0 = plain MSE), not {tok_cfg.edge_weight}")
     return tc, tok_cfg, split("flow."), cli
@@ -545,7 +549,8 @@ def main(argv=None):
     if tc.data:  # no judge for free text: reconstruction quality, and captions for a few of your images
         img, caps, _ = peek(world, 8)
         res = evaluate_tokenizer(tok, run.dev, 0, text_tok, img, caps)
-        for truth, said in zip(caps, image_to_text(tok, ema, text_tok, img, i2t_steps(ema, tc))):
+        for truth, said in zip(caps, image_to_text(tok, ema, text_tok, img, i2t_steps(ema, tc),
+                                                   candidates=tc.i2t_candidates)):
             print(f"image -> text: {said!r} (its caption: {truth!r})")
     else:
         res = evaluate(tok, ema, text_tok, tc, run.dev, tc.final_prompts)

@@ -346,9 +346,11 @@ class ImageTokenizer(nn.Module):
         mean, logvar = self.to_moments(x).chunk(2, dim=-1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def decode(self, z, ids=None):
+    def decode(self, z, ids=None, guidance=0.0):
         """z (B, K, C), caption ids (B, K) or None (no caption) -> image (B, 3, S, S), not clamped
-        (clamp for display). An image-only tokenizer ignores ids."""
+        (clamp for display). An image-only tokenizer ignores ids. guidance s > 0 (with a caption):
+        classifier-free guidance on the decoder, x_caption + s * (x_caption - x_none); the hidden
+        training captions (text_drop) taught it the captionless picture, as CFG's dropped labels do."""
         B, N = z.shape[0], self.patch_pos.shape[0]
         masks = (self.mask_tokens + self.patch_pos).expand(B, N, -1)  # (B, N, W)
         x = [masks, self.latent_in(z) + self.latent_pos]
@@ -358,7 +360,10 @@ class ImageTokenizer(nn.Module):
             x.append(self.text_in(ids) + self.text_pos)
         x = torch.cat(x, dim=1)  # (B, N + K [+ K caption tokens], W)
         x = self.dec_ln(self.decoder(x)[:, :N])  # (B, N, W): the patch positions carry the pixels
-        return (self.unpatchify(self.to_pixels(x)) + 1) / 2
+        img = (self.unpatchify(self.to_pixels(x)) + 1) / 2
+        if guidance and ids is not None and self.cfg.text_aware:
+            img = img + guidance * (img - self.decode(z))
+        return img
 
     def forward(self, img, ids=None, step=None):
         """Reconstruction + KL (+ GAN) loss on a batch of images and their caption ids (B, K);
@@ -411,9 +416,9 @@ class ImageTokenizer(nn.Module):
         return (gaussian_sample(mean, logvar) if sample else mean) * self.scale_factor
 
     @torch.no_grad()
-    def images(self, z, ids=None):
+    def images(self, z, ids=None, guidance=0.0):
         """Flow-space latents (and the caption ids they were drawn for) -> images in [0, 1]."""
-        return self.decode(z / self.scale_factor, ids).clamp(0, 1)
+        return self.decode(z / self.scale_factor, ids, guidance).clamp(0, 1)
 
     @torch.no_grad()
     def redraw_error(self, img, z, ids):

@@ -92,13 +92,14 @@ def load_models(path, device):
 
 
 @torch.no_grad()
-def text_to_image(tok, model, text_tok, prompts, steps=20, cfg_scale=2.0, from_mean=False, seed=0, batch=256):
+def text_to_image(tok, model, text_tok, prompts, steps=20, cfg_scale=2.0, from_mean=False, seed=0, dec_guidance=0.0,
+                  batch=256):
     dev = tok.scale_factor.device
     g = torch.Generator(dev).manual_seed(seed)
     out = []
     for i in range(0, len(prompts), batch):
         ids = text_tok.encode(prompts[i:i + batch]).to(dev)
-        out.append(tok.images(model.generate(ids, steps, cfg_scale, from_mean, g), ids))
+        out.append(tok.images(model.generate(ids, steps, cfg_scale, from_mean, g), ids, dec_guidance))
     return torch.cat(out)
 
 
@@ -138,7 +139,8 @@ def evaluate(tok, model, text_tok, tc, dev, n, directions=("t2i", "i2t"), invers
     for split in ("seen", "heldout"):
         specs = data.eval_specs(split, n)
         prompts = [data.caption(s) for s in specs]
-        imgs = text_to_image(tok, model, text_tok, prompts, tc.sample_steps, tc.cfg_scale, tc.from_mean)
+        draw = dict(steps=tc.sample_steps, cfg_scale=tc.cfg_scale, from_mean=tc.from_mean, dec_guidance=tc.dec_guidance)
+        imgs = text_to_image(tok, model, text_tok, prompts, **draw)
         res[f"t2i_{split}"] = data.accuracy(data.judge_images(imgs, specs), specs)
         if "i2t" not in directions:
             continue
@@ -151,8 +153,7 @@ def evaluate(tok, model, text_tok, tc, dev, n, directions=("t2i", "i2t"), invers
         # image -> text -> image: does the picture drawn from the caption pass for the original spec?
         with warnings.catch_warnings():  # the captions are model output: over-long ones are just wrong
             warnings.simplefilter("ignore")
-            redrawn = text_to_image(tok, model, text_tok, [c or "?" for c in caps], tc.sample_steps, tc.cfg_scale,
-                                    tc.from_mean)
+            redrawn = text_to_image(tok, model, text_tok, [c or "?" for c in caps], **draw)
         res[f"i2t2i_{split}"] = data.accuracy(data.judge_images(redrawn, specs), specs)
         ids = text_tok.encode(prompts).to(dev)
         dec = [text_tok.decode(x) for x in model.text_decoder(model.text_encoder(ids)[0]).argmax(-1)]
@@ -161,14 +162,15 @@ def evaluate(tok, model, text_tok, tc, dev, n, directions=("t2i", "i2t"), invers
 
 
 @torch.no_grad()
-def evaluate_tokenizer(tok, dev, n, text_tok=None, images=None, captions=None):
+def evaluate_tokenizer(tok, dev, n, text_tok=None, images=None, captions=None, guidance=0.0):
     """PSNR (and, on the shapes world, judge accuracy) of reconstructions from the posterior mean:
     of the given images, or of the evaluation renders (n per family and split). A text-aware decoder
-    reads the captions (as when it draws text -> image) if text_tok is given; 'recon_blind' decodes
-    the same latents without them: what the latent alone holds."""
+    reads the captions (as when it draws text -> image, with the decoder guidance `guidance`) if
+    text_tok is given; 'recon_blind' decodes the same latents without them: what the latent alone
+    holds."""
     def recon_psnr(img, caps):
         ids = text_tok.encode(caps).to(dev) if caps is not None and text_tok is not None else None
-        rec = tok.decode(tok.encode(img)[0], ids).clamp(0, 1)
+        rec = tok.decode(tok.encode(img)[0], ids, guidance).clamp(0, 1)
         mse = (rec - img).pow(2).flatten(1).mean(1)
         return rec, (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()
     if images is not None:
@@ -229,7 +231,7 @@ def wrap(text, width):
 # -----------------------------------------------------------------------------
 
 
-def sweep(tok, model, text_tok, ckpt_dir, n, dev, from_mean, candidates):
+def sweep(tok, model, text_tok, ckpt_dir, n, dev, from_mean, candidates, dec_guidance):
     """Text -> image accuracy vs Euler steps x CFG scale, image -> text accuracy vs steps, and
     accuracy vs training minutes (from evals.jsonl)."""
     print(f"text -> image judge accuracy, {n} prompts per family and split, source: "
@@ -238,7 +240,7 @@ def sweep(tok, model, text_tok, ckpt_dir, n, dev, from_mean, candidates):
     print("|---|---|---|---|---|---|---|")
     for steps in (1, 2, 4, 8, 20):
         for cfg in (1.0, 2.0, 3.0):
-            settings = SimpleNamespace(sample_steps=steps, cfg_scale=cfg, from_mean=from_mean)
+            settings = SimpleNamespace(sample_steps=steps, cfg_scale=cfg, from_mean=from_mean, dec_guidance=dec_guidance)
             r = evaluate(tok, model, text_tok, settings, dev, n, directions=("t2i",))
             s, h = r["t2i_seen"], r["t2i_heldout"]
             print(f"| {steps} | {cfg:g} | {s['overall']:.3f} | {h['overall']:.3f} | {s['single']:.3f} | "
@@ -326,6 +328,8 @@ def main(argv=None):
     p.add_argument("--i2t_steps", type=int, default=1, help="Euler steps image -> text (its paths are straight)")
     p.add_argument("--candidates", type=int, default=16,
                    help="image -> text: captions drawn per image, ranked by a text-aware tokenizer's redrawing")
+    p.add_argument("--dec_guidance", type=float, default=0.5,
+                   help="text-aware decoder: guidance towards the caption, x_c + s (x_c - x_none); 0 = none")
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--from_mean", action="store_true", help="start at the text latent's mean, not a sample")
     p.add_argument("--seed", type=int, default=0)
@@ -350,8 +354,10 @@ def main(argv=None):
                  "--sweep or --eval")
     if min(a.steps, a.i2t_steps, a.num_samples, a.candidates) < 1:
         sys.exit("error: --steps, --i2t_steps, --num_samples and --candidates must be at least 1")
+    if a.dec_guidance < 0:
+        sys.exit(f"error: --dec_guidance must be >= 0 (0 = none), not {a.dec_guidance}")
     settings = SimpleNamespace(sample_steps=a.steps, i2t_steps=a.i2t_steps, cfg_scale=a.cfg, from_mean=a.from_mean,
-                               i2t_candidates=a.candidates)
+                               i2t_candidates=a.candidates, dec_guidance=a.dec_guidance)
     dev = torch.device(a.device if a.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     torch.set_flush_denormal(True)
     try:
@@ -366,13 +372,14 @@ def main(argv=None):
     if a.eval:
         print(report(evaluate(tok, model, text_tok, settings, dev, a.sweep_prompts, inverse=a.inverse or None), True))
     if a.sweep:
-        sweep(tok, model, text_tok, os.path.dirname(a.ckpt), a.sweep_prompts, dev, a.from_mean, a.candidates)
+        sweep(tok, model, text_tok, os.path.dirname(a.ckpt), a.sweep_prompts, dev, a.from_mean, a.candidates,
+              a.dec_guidance)
     if prompts:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.formatwarning = lambda msg, *args, **kw: f"warning: {msg}\n"
             labels = [pr for pr in prompts for _ in range(a.num_samples)]
-            imgs = text_to_image(tok, model, text_tok, labels, a.steps, a.cfg, a.from_mean, a.seed)
+            imgs = text_to_image(tok, model, text_tok, labels, a.steps, a.cfg, a.from_mean, a.seed, a.dec_guidance)
         save_grid(imgs, labels, a.out, cols=a.num_samples if a.num_samples > 1 else 8)
         print(f"saved {len(labels)} samples to {a.out}")
     if a.image:

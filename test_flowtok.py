@@ -161,6 +161,10 @@ def test_text_aware_decoder_reads_the_caption():
     assert not torch.equal(loss, tok(img, none)[0])  # the caption changed the reconstruction
     blind = ft.ImageTokenizer(dataclasses.replace(TINY_TOK, text_aware=False))
     assert torch.equal(blind.decode(z, ids), blind.decode(z))
+    # decoder guidance: x_c + s (x_c - x_none); nothing to guide without a caption or text-awareness
+    with_c, without = tok.decode(z, ids), tok.decode(z)
+    assert torch.allclose(tok.decode(z, ids, 0.5), with_c + 0.5 * (with_c - without))
+    assert torch.equal(tok.decode(z, None, 0.5), without) and torch.equal(blind.decode(z, ids, 0.5), blind.decode(z))
     assert tok.flops() > blind.flops() and tok.flops(train=False) == blind.flops(train=False)
 
 
@@ -521,6 +525,9 @@ def test_train_cli_help_and_bad_flags(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--tok.text_drop=1.5"])
     assert "--tok.text_drop is a share of captions, between 0 and 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--dec_guidance=-1"])
+    assert "--dec_guidance must be >= 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train.parse_args(["--i2t_candidates=0"])
     assert "--i2t_candidates must be >= 1" in capsys.readouterr().err

@@ -70,6 +70,7 @@ class TrainConfig:
     i2t_candidates: int = 16      # image -> text: captions drawn per image, the one a text-aware tokenizer
                                   # redraws the picture best from kept (1 = the most likely, unchecked)
     cfg_scale: float = 2.0
+    dec_guidance: float = 0.5     # text-aware decoder: guidance towards the caption, x_c + s (x_c - x_none); 0 = none
     from_mean: bool = False       # start sampling at the text latent's mean instead of a sample
     # speed switches (auto = on where it helps: CUDA; bf16 also on AMX CPUs)
     bf16: str = "auto"            # bf16 autocast; auto: on where CUDA supports it, and on CPUs with AMX
@@ -155,6 +156,8 @@ def parse_args(argv=None):
         p.error(f"--latent_pool must be >= 0 (0 = render and encode every flow batch), not {tc.latent_pool}")
     if not 0 <= tok_cfg.text_drop <= 1:
         p.error(f"--tok.text_drop is a share of captions, between 0 and 1, not {tok_cfg.text_drop}")
+    if tc.dec_guidance < 0:
+        p.error(f"--dec_guidance must be >= 0 (0 = none), not {tc.dec_guidance}")
     if tc.i2t_candidates < 1:
         p.error(f"--i2t_candidates must be >= 1 (1 = the most likely caption, unchecked), not {tc.i2t_candidates}")
     if tok_cfg.edge_weight < 0:  # a weight below -1 would make the loss reward errors on outlines
@@ -449,7 +452,8 @@ def grid_prompts(tok, model, text_tok, tc, dev, path, world, n=16):
     else:
         specs = (data.eval_specs("seen", n // 4, seed=7) + data.eval_specs("heldout", n // 4, seed=7))[:n]
         prompts = [data.caption(s) for s in specs]
-    save_grid(text_to_image(tok, model, text_tok, prompts, tc.sample_steps, tc.cfg_scale, tc.from_mean), prompts, path)
+    imgs = text_to_image(tok, model, text_tok, prompts, tc.sample_steps, tc.cfg_scale, tc.from_mean, 0, tc.dec_guidance)
+    save_grid(imgs, prompts, path)
 
 
 def check_same_model(cli, state, path):
@@ -521,7 +525,7 @@ def main(argv=None):
         run.print(f"tokenizer stage done in {(time.time() - t0) / 60:.1f} min")
         if run.master:
             img, captions, _ = peek(world, 256) if tc.data else (None, None, None)
-            res = evaluate_tokenizer(tok, run.dev, tc.final_prompts, text_tok, img, captions)
+            res = evaluate_tokenizer(tok, run.dev, tc.final_prompts, text_tok, img, captions, tc.dec_guidance)
             run.print("tokenizer reconstructions: " + report(res))
     if tc.stage == "tokenizer":
         return
@@ -548,7 +552,7 @@ def main(argv=None):
     grid_prompts(tok, ema, text_tok, tc, run.dev, path, world)
     if tc.data:  # no judge for free text: reconstruction quality, and captions for a few of your images
         img, caps, _ = peek(world, 8)
-        res = evaluate_tokenizer(tok, run.dev, 0, text_tok, img, caps)
+        res = evaluate_tokenizer(tok, run.dev, 0, text_tok, img, caps, tc.dec_guidance)
         for truth, said in zip(caps, image_to_text(tok, ema, text_tok, img, i2t_steps(ema, tc),
                                                    candidates=tc.i2t_candidates)):
             print(f"image -> text: {said!r} (its caption: {truth!r})")

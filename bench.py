@@ -78,7 +78,8 @@ def bench_variant(tc, tok_cfg, flow_overrides, compiled, bf16, iters):
     dt = timed(step_fn(model, lambda net: net(ids, z, ids), tc.flow_lr), iters, dev)
     rows["flow step, cached latents"] = (dt, tc.flow_batch / dt, model.flops() * tc.flow_batch / dt)
 
-    # sampling: text encoder -> 2 x steps flow passes (CFG) -> tokenizer decoder, batch 64
+    # sampling: text encoder -> 2 x steps flow passes (CFG) -> tokenizer decoder (twice, with decoder
+    # guidance), batch 64
     sample_ids = text_tok.encode(captions[:64] * (64 // len(captions[:64]) + 1))[:64].to(dev)
     if run.compile:  # the flow transformer is what runs 2 x steps times; nothing is saved here
         model.flow = torch.compile(model.flow)
@@ -86,7 +87,8 @@ def bench_variant(tc, tok_cfg, flow_overrides, compiled, bf16, iters):
     @torch.no_grad()
     def sample():
         with run.autocast:
-            return tok.images(model.generate(sample_ids, tc.sample_steps, tc.cfg_scale).float())
+            z = model.generate(sample_ids, tc.sample_steps, tc.cfg_scale).float()
+            return tok.images(z, sample_ids, tc.dec_guidance)
     dt = timed(sample, max(3, iters // 4), dev)
     rows[f"sampling ({tc.sample_steps} steps, cfg)"] = (dt, 64 / dt, None)
     return run, rows

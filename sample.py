@@ -240,7 +240,8 @@ def sweep(tok, model, text_tok, ckpt_dir, n, dev, from_mean, candidates, dec_gui
     print("|---|---|---|---|---|---|---|")
     for steps in (1, 2, 4, 8, 20):
         for cfg in (1.0, 2.0, 3.0):
-            settings = SimpleNamespace(sample_steps=steps, cfg_scale=cfg, from_mean=from_mean, dec_guidance=dec_guidance)
+            settings = SimpleNamespace(sample_steps=steps, cfg_scale=cfg, from_mean=from_mean,
+                                       dec_guidance=dec_guidance)
             r = evaluate(tok, model, text_tok, settings, dev, n, directions=("t2i",))
             s, h = r["t2i_seen"], r["t2i_heldout"]
             print(f"| {steps} | {cfg:g} | {s['overall']:.3f} | {h['overall']:.3f} | {s['single']:.3f} | "
@@ -337,7 +338,8 @@ def main(argv=None):
     p.add_argument("--out", default="samples.png", help="output PNG grid")
     p.add_argument("--sweep", action="store_true", help="print judge accuracy vs steps and CFG scale")
     p.add_argument("--sweep_prompts", type=int, default=50, help="prompts per family and split in --sweep / --eval")
-    p.add_argument("--eval", action="store_true", help="judge both directions and both round trips (a report)")
+    p.add_argument("--eval", action="store_true",
+                   help="judge reconstructions, both directions and both round trips (a report)")
     p.add_argument("--inverse", action="store_true",
                    help="image -> text by running the text -> image field backwards (works for any model)")
     p.add_argument("--device", default="auto")
@@ -370,6 +372,7 @@ def main(argv=None):
     recon_out = os.path.splitext(a.out)[0] + "_recon.png" if prompts else a.out  # not over the samples
     failed = reconstruct(tok, a.recon, dev, recon_out) if a.recon else 0
     if a.eval:
+        print(report(evaluate_tokenizer(tok, dev, a.sweep_prompts, text_tok, guidance=a.dec_guidance), True))
         print(report(evaluate(tok, model, text_tok, settings, dev, a.sweep_prompts, inverse=a.inverse or None), True))
     if a.sweep:
         sweep(tok, model, text_tok, os.path.dirname(a.ckpt), a.sweep_prompts, dev, a.from_mean, a.candidates,

@@ -466,7 +466,8 @@ def test_sample_cli_eval_report(trained):
     out, _ = trained
     r = run("sample.py", "--eval", "--sweep_prompts", "1", "--steps", "2", "--ckpt", str(out / "ckpt.pt"))
     assert r.returncode == 0, r.stderr[-2000:]
-    for key in ("t2i_seen", "i2t_heldout", "t2i2t_seen", "i2t2i_heldout", "text_roundtrip_seen"):
+    for key in ("recon_seen", "recon_blind_heldout", "t2i_seen", "i2t_heldout", "t2i2t_seen", "i2t2i_heldout",
+                "text_roundtrip_seen"):
         assert key in r.stdout
 
 

@@ -7,7 +7,7 @@ shape with a compact 1-D tokenizer, and learns a single velocity field that carr
 straight into the second. This file is the whole model, in the order of the paper:
 
     helpers -> blocks -> 1-D image tokenizer -> text side (BPE, encoder, decoder)
-            -> flow transformer (+ the losses) -> Euler ODE sampler
+            -> flow transformer (+ the losses) -> Euler ODE sampler -> image -> text's check
 
 The flow convention, stated once and used everywhere (tests check it in closed form):
 
@@ -17,6 +17,9 @@ The flow convention, stated once and used everywhere (tests check it in closed f
     v   = d x_t / dt = x1 - x0           (target velocity, regressed with MSE)
 
 Image -> text uses the same path with the roles swapped (source = image latent at t = 0).
+Two things here are ours, not the paper's: the text-aware tokenizer decoder is guided towards the
+caption when it draws (ImageTokenizer.decode), and image -> text checks its reading by how well that
+decoder redraws the picture from each candidate caption (caption_candidates).
 """
 
 import functools
@@ -774,7 +777,6 @@ class FlowTok(nn.Module):
         """Image latents (B, K, C) -> token ids (B, K): the most likely tokens, or with a generator,
         tokens drawn from the decoder's distribution (alternative captions)."""
         return pick_tokens(self.caption_logits(z_img, steps, inverse), generator)
-
 
 # -----------------------------------------------------------------------------
 # Euler ODE sampler with classifier-free guidance

@@ -517,21 +517,14 @@ def test_checkpoint_from_another_config_is_a_one_line_error(trained, tmp_path):
 
 
 def test_train_cli_help_and_bad_flags(capsys):
-    with pytest.raises(SystemExit):
-        train.parse_args(["--tok.edge_weight=-2"])
-    assert "--tok.edge_weight must be >= 0" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        train.parse_args(["--latent_pool=-1"])
-    assert "--latent_pool must be >= 0" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        train.parse_args(["--tok.text_drop=1.5"])
-    assert "--tok.text_drop is a share of captions, between 0 and 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        train.parse_args(["--dec_guidance=-1"])
-    assert "--dec_guidance must be >= 0" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        train.parse_args(["--i2t_candidates=0"])
-    assert "--i2t_candidates must be >= 1" in capsys.readouterr().err
+    for flag, says in (("--tok.edge_weight=-2", "--tok.edge_weight must be >= 0"),
+                       ("--latent_pool=-1", "--latent_pool must be >= 0"),
+                       ("--tok.text_drop=1.5", "--tok.text_drop is a share of captions, between 0 and 1"),
+                       ("--dec_guidance=-1", "--dec_guidance must be >= 0"),
+                       ("--i2t_candidates=0", "--i2t_candidates must be >= 1")):
+        with pytest.raises(SystemExit):
+            train.parse_args([flag])
+        assert says in capsys.readouterr().err, flag
     r = run("train.py", "-h")
     assert r.returncode == 0 and "--tok.width" in r.stdout and "--flow.cfg_prob" in r.stdout and "--resume" in r.stdout
     r = run("train.py", "--preset=huge")

@@ -226,9 +226,9 @@ def transformer_flops(tokens, width, depth):
 # FlowTok's decoder is text-aware (TA-TiTok's): it also reads the caption, so the latent need not
 # spell out what the words already say ("diamond": sharp corners), and at sampling time the prompt
 # itself helps draw the flow's output. A share of training captions is hidden from it, so it still
-# decodes with no caption. Here it is a switch (text_aware), off by default: it lifts text -> image
-# but the latent then keeps less of the shapes, and image -> text, which reads only the latent,
-# loses (README: "The decoder reads the caption").
+# decodes with no caption, and can be guided towards the caption like a CFG model (decode's
+# guidance). The latent then keeps less of the shapes, so image -> text checks the flow's reading
+# with this decoder (caption_candidates, at the end of the file). text_aware=False: image-only.
 
 @dataclass
 class TokenizerConfig:
@@ -771,12 +771,6 @@ class FlowTok(nn.Module):
         else:
             z_txt = euler(lambda x, t: self.velocity(x, t, direction=1), z_img, steps)
         return self.text_decoder(z_txt)
-
-    @torch.no_grad()
-    def caption_ids(self, z_img, steps=20, inverse=None, generator=None):
-        """Image latents (B, K, C) -> token ids (B, K): the most likely tokens, or with a generator,
-        tokens drawn from the decoder's distribution (alternative captions)."""
-        return pick_tokens(self.caption_logits(z_img, steps, inverse), generator)
 
 # -----------------------------------------------------------------------------
 # Euler ODE sampler with classifier-free guidance

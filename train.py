@@ -452,7 +452,8 @@ def grid_prompts(tok, model, text_tok, tc, dev, path, world, n=16):
     else:
         specs = (data.eval_specs("seen", n // 4, seed=7) + data.eval_specs("heldout", n // 4, seed=7))[:n]
         prompts = [data.caption(s) for s in specs]
-    imgs = text_to_image(tok, model, text_tok, prompts, tc.sample_steps, tc.cfg_scale, tc.from_mean, 0, tc.dec_guidance)
+    imgs = text_to_image(tok, model, text_tok, prompts, tc.sample_steps, tc.cfg_scale, tc.from_mean,
+                         dec_guidance=tc.dec_guidance)
     save_grid(imgs, prompts, path)
 
 

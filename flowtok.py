@@ -235,12 +235,12 @@ class TokenizerConfig:
     image_size: int = 64        # pixels per side
     patch_size: int = 8         # pixels per patch side: (image_size / patch_size)^2 patch tokens
     num_tokens: int = 16        # K, the latent sequence length (shared with the text side)
-    token_dim: int = 8          # C, channels per latent token
+    token_dim: int = 16         # C, channels per latent token (FlowTok's 16; 8 blurs small diamonds' corners)
     width: int = 128            # ViT width, encoder and decoder
     enc_depth: int = 3          # encoder blocks
     dec_depth: int = 4          # decoder blocks
     n_head: int = 4             # attention heads
-    kl_weight: float = 1e-5     # tiny: keeps the latent bounded, not a prior to sample from
+    kl_weight: float = 1e-4     # small: keeps the latent bounded, not a prior to sample from
     edge_weight: float = 8.0    # extra reconstruction weight on pixels next to a colour edge; 0 = plain MSE
     text_aware: bool = True     # the decoder also reads the caption (FlowTok); False: image-only
     vocab_size: int = 0         # caption ids the decoder reads: set from the text tokenizer by train.py

@@ -329,7 +329,7 @@ def main(argv=None):
     p.add_argument("--i2t_steps", type=int, default=1, help="Euler steps image -> text (its paths are straight)")
     p.add_argument("--candidates", type=int, default=16,
                    help="image -> text: captions drawn per image, ranked by a text-aware tokenizer's redrawing")
-    p.add_argument("--dec_guidance", type=float, default=0.5,
+    p.add_argument("--dec_guidance", type=float, default=1.0,
                    help="text-aware decoder: guidance towards the caption, x_c + s (x_c - x_none); 0 = none")
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--from_mean", action="store_true", help="start at the text latent's mean, not a sample")

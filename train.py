@@ -46,11 +46,11 @@ class TrainConfig:
     text_tokenizer: str = "bpe"   # bpe (trained on the captions, offline) | gpt2 (needs tiktoken's cache)
     bpe_vocab: int = 512          # BPE vocabulary size at most (merges stop when no pair repeats)
     # tokenizer stage
-    tok_steps: int = 5000         # tokenizer optimizer steps
+    tok_steps: int = 4000         # tokenizer optimizer steps
     tok_batch: int = 32           # tokenizer images per step (per rank, per micro-step)
     tok_lr: float = 2e-3          # tokenizer peak learning rate
     # flow stage
-    flow_steps: int = 1000        # flow optimizer steps
+    flow_steps: int = 1300        # flow optimizer steps
     flow_batch: int = 128         # flow (caption, image) pairs per step (per rank, per micro-step)
     flow_lr: float = 1e-3         # flow peak learning rate
     ema_decay: float = 0.999      # EMA of the flow model (what gets sampled); warmed up as (1+step)/(10+step)
@@ -70,7 +70,7 @@ class TrainConfig:
     i2t_candidates: int = 16      # image -> text: captions drawn per image, the one a text-aware tokenizer
                                   # redraws the picture best from kept (1 = the most likely, unchecked)
     cfg_scale: float = 2.0
-    dec_guidance: float = 0.5     # text-aware decoder: guidance towards the caption, x_c + s (x_c - x_none); 0 = none
+    dec_guidance: float = 1.0     # text-aware decoder: guidance towards the caption, x_c + s (x_c - x_none); 0 = none
     from_mean: bool = False       # start sampling at the text latent's mean instead of a sample
     # speed switches (auto = on where it helps: CUDA; bf16 also on AMX CPUs)
     bf16: str = "auto"            # bf16 autocast; auto: on where CUDA supports it, and on CPUs with AMX
@@ -97,7 +97,8 @@ PRESETS = {
               "tok_batch": 32, "flow_batch": 256, "tok_lr": 1e-4, "flow_lr": 4e-4}
        for name, (w, d, h) in {"B": (768, 12, 12), "XL": (1152, 28, 16), "H": (1280, 36, 20)}.items()},
     # your own photos on a CPU, in minutes: 64 px, longer captions (K = 32)
-    "photo64": {"tok.num_tokens": 32, "tok_steps": 3000, "flow_steps": 1500, "eval_interval": 500},
+    "photo64": {"tok.num_tokens": 32, "tok.token_dim": 8, "tok.kl_weight": 1e-5, "tok_steps": 3000, "flow_steps": 1500,
+                "eval_interval": 500},
     # for tests and smoke runs: seconds, not a useful model
     "tiny": {"tok_steps": 20, "tok_batch": 8, "flow_steps": 20, "flow_batch": 16, "warmup": 5, "latent_pool": 64,
              "tok.width": 32, "tok.enc_depth": 1, "tok.dec_depth": 1, "tok.n_head": 2,

@@ -96,7 +96,7 @@ PRESETS = {
               "flow.width": w, "flow.depth": d, "flow.n_head": h, "flow.text_width": 512, "flow.text_depth": 6,
               "tok_batch": 32, "flow_batch": 256, "tok_lr": 1e-4, "flow_lr": 4e-4}
        for name, (w, d, h) in {"B": (768, 12, 12), "XL": (1152, 28, 16), "H": (1280, 36, 20)}.items()},
-    # your own photos on a CPU, in minutes: 64 px, longer captions (K = 32)
+    # your own photos on a CPU, in minutes: 64 px, longer captions (K = 32); C = 8, as its README figures were measured
     "photo64": {"tok.num_tokens": 32, "tok.token_dim": 8, "tok.kl_weight": 1e-5, "tok_steps": 3000, "flow_steps": 1500,
                 "eval_interval": 500},
     # for tests and smoke runs: seconds, not a useful model

@@ -5,11 +5,10 @@ Time nano FlowTok: a training step of each stage and sampling, eager vs compiled
     python bench.py --preset=B --flow_batch=256      # paper-sized flow transformer (12 x 768, 77 x 16)
     python bench.py --variants=eager-fp32,compiled-bf16 --iters=20
 
-Any train.py setting can be passed through. Prints one markdown table. Sampling is images/s at
---sample_steps Euler steps (20) with CFG (two passes per step) at batch 64, decoder included.
+Prints one markdown table. Sampling is images/s with the sampling settings (--sample.*: Euler steps,
+two passes per step for guidance, the decoder twice for decoder guidance) at batch 64.
 """
 
-import sys
 import time
 import argparse
 import dataclasses
@@ -18,7 +17,21 @@ import torch
 
 import flowtok as ft
 import data
-import train
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    preset: str = "auto"          # model sizes and batches of a flowtok.PRESETS entry; auto: gpu on CUDA, else cpu
+    device: str = "auto"          # auto: cuda -> mps -> cpu
+    tokenizer_batch: int = 32     # pictures per tokenizer step (the cpu preset's)
+    flow_batch: int = 128         # (caption, picture) pairs per flow step (the cpu preset's)
+    variants: str = ""            # comma list of eager-fp32, eager-bf16, compiled-fp32, compiled-bf16
+                                  # (empty: all four on CUDA, the two eager ones elsewhere)
+    iters: int = 10               # timed iterations per measurement (median)
+    peak_tflops: float = 0.0      # for MFU; 0 = 989 (H100/H200 bf16 dense) on CUDA, not shown elsewhere
+
+    def __post_init__(self):
+        ft.check_ranges(self, positive=("tokenizer_batch", "flow_batch", "iters"))
 
 
 def timed(fn, iters, dev):
@@ -37,84 +50,78 @@ def timed(fn, iters, dev):
     return sorted(times)[len(times) // 2]
 
 
-def bench_variant(tc, tok_cfg, flow_overrides, compiled, bf16, iters):
-    tc.compile, tc.bf16 = str(compiled), str(bf16)
-    run = train.Run(tc)
-    dev = run.dev
-    world = data.ShapesWorld(tok_cfg.image_size, seed=0, device=dev)
-    text_tok = ft.TextTokenizer.train([data.caption(s) for s in world.sample_specs(2000)], tok_cfg.num_tokens)
-    tok = ft.ImageTokenizer(dataclasses.replace(tok_cfg, vocab_size=text_tok.vocab_size)).to(dev)
-    model = ft.FlowTok(ft.FlowConfig(**{**flow_overrides, "vocab_size": text_tok.vocab_size,
-                                        "num_tokens": tok_cfg.num_tokens, "token_dim": tok_cfg.token_dim})).to(dev)
+def bench_variant(bc, tokenizer_cfg, flow_cfg, s, compiled, bf16):
+    """{measurement: (seconds, images/s, FLOP/s or None)} for one variant."""
+    dev = ft.pick_device(bc.device)
+    torch.manual_seed(0)
+    _, _, autocast, _ = ft.mixed_precision(dev, bf16)
+    world = data.ShapesWorld(tokenizer_cfg.image_size, seed=0, device=dev)
+    bpe = ft.TextTokenizer.train([data.caption(x) for x in world.sample_specs(2000)], tokenizer_cfg.num_tokens)
+    tokenizer = ft.ImageTokenizer(tokenizer_cfg, bpe.vocab_size).to(dev)
+    model = ft.FlowTok(flow_cfg, bpe.vocab_size, tokenizer_cfg.num_tokens, tokenizer_cfg.token_dim).to(dev)
+    for m in (tokenizer, model):
+        ft.use_manual_attention(m, bf16 and dev.type == "cpu")  # as train.py does
     rows = {}
 
-    def step_fn(module, loss_fn, lr):
-        opt = train.make_optimizer(module, lr, 0.0, dev)
-        net = run.wrap(module)
+    def step_fn(module, loss_fn):
+        opt = ft.make_optimizer(module, 1e-4, 0.0, dev)
+        net = torch.compile(module) if compiled else module
 
         def step():
-            with run.autocast, run.attention():
+            with autocast:
                 loss, _ = loss_fn(net)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return step
 
-    img, captions, _ = world.batch(tc.tok_batch)
-    ids = text_tok.encode(captions).to(dev)
-    dt = timed(step_fn(tok, lambda net: net(img, ids), tc.tok_lr), iters, dev)
-    rows["tokenizer step"] = (dt, tc.tok_batch / dt, tok.flops() * tc.tok_batch / dt)
+    img, captions, _ = world.batch(bc.tokenizer_batch)
+    ids = bpe.encode(captions).to(dev)
+    dt = timed(step_fn(tokenizer, lambda net: net(img, ids)), bc.iters, dev)
+    rows["tokenizer step"] = (dt, bc.tokenizer_batch / dt, tokenizer.flops() * bc.tokenizer_batch / dt)
 
-    img, captions, _ = world.batch(tc.flow_batch)
-    ids = text_tok.encode(captions).to(dev)
-    tok.requires_grad_(False)
+    img, captions, _ = world.batch(bc.flow_batch)
+    ids = bpe.encode(captions).to(dev)
+    tokenizer.requires_grad_(False)
+    z = tokenizer.latents(img).float()  # the latent pool's case: pictures encoded once
+    dt = timed(step_fn(model, lambda net: net(ids, z, ids)), bc.iters, dev)
+    rows["flow step"] = (dt, bc.flow_batch / dt, model.flops() * bc.flow_batch / dt)
 
-    def flow_loss(net):
-        return net(ids, tok.latents(img).float(), ids)
-    dt = timed(step_fn(model, flow_loss, tc.flow_lr), iters, dev)
-    rows["flow step"] = (dt, tc.flow_batch / dt, (model.flops() + tok.flops(train=False)) * tc.flow_batch / dt)
-    # what --latent_cache saves: the same step with the image latents already computed
-    z = tok.latents(img).float()
-    dt = timed(step_fn(model, lambda net: net(ids, z, ids), tc.flow_lr), iters, dev)
-    rows["flow step, cached latents"] = (dt, tc.flow_batch / dt, model.flops() * tc.flow_batch / dt)
-
-    # sampling: text encoder -> 2 x steps flow passes (CFG) -> tokenizer decoder (twice, with decoder
-    # guidance), batch 64
-    sample_ids = text_tok.encode(captions[:64] * (64 // len(captions[:64]) + 1))[:64].to(dev)
-    if run.compile:  # the flow transformer is what runs 2 x steps times; nothing is saved here
+    # sampling: text encoder -> 2 x steps flow passes -> tokenizer decoder (twice, with decoder guidance)
+    sample_ids = bpe.encode((captions * (64 // len(captions) + 1))[:64]).to(dev)
+    if compiled:  # the flow transformer is what runs 2 x steps times
         model.flow = torch.compile(model.flow)
 
     @torch.no_grad()
     def sample():
-        with run.autocast:
-            z = model.generate(sample_ids, tc.sample_steps, tc.cfg_scale).float()
-            return tok.images(z, sample_ids, tc.dec_guidance)
-    dt = timed(sample, max(3, iters // 4), dev)
-    rows[f"sampling ({tc.sample_steps} steps, cfg)"] = (dt, 64 / dt, None)
-    return run, rows
+        with autocast:
+            z = model.generate(sample_ids, s.steps, s.guidance).float()
+            return tokenizer.images(z, sample_ids, s.dec_guidance)
+    dt = timed(sample, max(3, bc.iters // 4), dev)
+    rows[f"sampling ({s.steps} steps)"] = (dt, 64 / dt, None)
+    return rows
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default=None,
-                   help="comma list of eager-fp32, eager-bf16, compiled-fp32, compiled-bf16 "
-                        "(default: all four on CUDA, eager-fp32 and eager-bf16 elsewhere)")
-    p.add_argument("--iters", type=int, default=10, help="timed iterations per measurement (median)")
-    args, rest = p.parse_known_args()
-    tc, tok_cfg, flow_overrides, _ = train.parse_args(rest)
-    cuda = torch.cuda.is_available() and tc.device in ("auto", "cuda")
-    variants = args.variants.split(",") if args.variants else \
-        (["eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16"] if cuda else ["eager-fp32", "eager-bf16"])
+    sections = {"": (BenchConfig, "benchmark"), "tokenizer.": (ft.TokenizerConfig, "image tokenizer"),
+                "flow.": (ft.FlowConfig, "text side and flow transformer"), "sample.": (ft.SampleConfig, "sampling")}
+    (bc, tokenizer_cfg, flow_cfg, s), _ = ft.parse_settings(p, sections, argv)
+    dev = ft.pick_device(bc.device)
+    variants = bc.variants.split(",") if bc.variants else \
+        ["eager-fp32", "eager-bf16"] + (["compiled-fp32", "compiled-bf16"] if dev.type == "cuda" else [])
+    for v in variants:
+        if v not in ("eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16"):
+            p.error(f"unknown variant {v!r}: use eager|compiled - fp32|bf16")
+    peak = (bc.peak_tflops or (989.0 if dev.type == "cuda" else 0.0)) * 1e12
+    cpu = torch.cpu.get_capabilities().get("cpu_name", "") if dev.type == "cpu" else torch.cuda.get_device_name()
+    print(f"{dev} ({cpu}), {torch.get_num_threads()} threads, preset {bc.preset}, torch {torch.__version__}")
     print("| variant | measurement | ms | images/s | TFLOP/s | MFU |\n|---|---|---|---|---|---|")
     for v in variants:
-        mode, precision = v.split("-")
-        if mode not in ("eager", "compiled") or precision not in ("fp32", "bf16"):
-            sys.exit(f"error: unknown variant {v!r}: use eager|compiled - fp32|bf16")
-        run, rows = bench_variant(tc, tok_cfg, dict(flow_overrides), mode == "compiled", precision == "bf16",
-                                  args.iters)
+        rows = bench_variant(bc, tokenizer_cfg, flow_cfg, s, v.startswith("compiled"), v.endswith("bf16"))
         for name, (dt, ips, flops) in rows.items():
             tflops = f"{flops / 1e12:.2f}" if flops else "-"
-            mfu = f"{100 * flops / run.peak:.1f}%" if (flops and run.peak) else "-"
+            mfu = f"{100 * flops / peak:.1f}%" if (flops and peak) else "-"
             print(f"| {v} | {name} | {1000 * dt:.1f} | {ips:.0f} | {tflops} | {mfu} |", flush=True)
 
 

@@ -1,13 +1,15 @@
-"""Datasets: the built-in shapes world, and your own captioned images.
+"""Data for nano FlowTok, in three parts:
 
-The shapes world is a procedurally generated text<->image dataset that needs no download:
-pictures of flat coloured shapes on white, with captions in a tiny canonical grammar, and a
-rule-based judge that says exactly whether a picture (or a caption) matches a prompt. Its full
-specification is shapes-world.md; this file implements it top to bottom:
-vocabulary -> specs and captions -> sampling -> rendering -> judging.
-The last section reads your own (image, caption) folders with the same interface.
+1. The shapes world: a procedurally generated text <-> image dataset that needs no download,
+   pictures of flat coloured shapes on white with captions in a tiny canonical grammar
+   (vocabulary -> specs and captions -> sampling -> rendering).
+2. The judge: says exactly whether a picture (or a caption) matches a prompt; usable alone.
+   Beside it, the evaluation of a trained model with it, on validation or test prompts.
+3. Your own captioned images (three folder layouts), with the shapes world's interface, and
+   picture grids.
 """
 import csv
+import dataclasses
 import glob
 import io
 import json
@@ -16,6 +18,7 @@ import os
 import re
 import sys
 import time
+import warnings
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -23,9 +26,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-# ----------------------------------------------------------------------------- vocabulary
+import flowtok as ft
+
+# -----------------------------------------------------------------------------
+# 1. The shapes world
+
+# vocabulary
 
 COLORS = {
     "red": (220, 40, 40),
@@ -67,7 +75,7 @@ def inside_shape(shape, dx, dy, r):
     return dx.abs() + dy.abs() <= r                         # diamond: vertices at the box edge midpoints
 
 
-# ----------------------------------------------------------------------------- specs & captions
+# specs and captions
 
 
 @dataclass(frozen=True)
@@ -140,7 +148,7 @@ def is_held_out(spec):
     return any(pair in HELD_OUT for pair in spec.objects)
 
 
-# ----------------------------------------------------------------------------- sampling specs
+# sampling specs
 
 
 def _spec_from_uniforms(family, u, pairs_a, pairs_b):
@@ -158,16 +166,22 @@ def _spec_from_uniforms(family, u, pairs_a, pairs_b):
     return Spec("relation", (pair_a, pair_b), size, RELATIONS[int(u[3] * len(RELATIONS))])
 
 
-def eval_specs(split, n_per_family, seed=1234, hold_out=True):
-    """Fixed evaluation prompts, n_per_family per family in FAMILIES order.
-    'seen': the training distribution. 'heldout': every spec contains a HELD_OUT pair."""
-    assert split in ("seen", "heldout")
-    rng = np.random.default_rng(seed)
+# Fixed evaluation prompts: (spec seed, render seed) per split. Every default is chosen on 'val';
+# 'test' is for the final report and the README, never looked at while tuning; 'grid' for pictures.
+EVAL_SEEDS = {"val": (1234, 4321), "test": (2718, 3141), "grid": (7, 7)}
+
+
+def eval_specs(pairs, n_per_family, split="val", hold_out=True):
+    """Fixed evaluation prompts of a split, n_per_family per family in FAMILIES order.
+    pairs 'seen': the training distribution (every pair if hold_out is False). 'heldout': every
+    spec contains a HELD_OUT pair (held-out single and count prompts have 8 distinct captions)."""
+    assert pairs in ("seen", "heldout") and split in EVAL_SEEDS
+    rng = np.random.default_rng(EVAL_SEEDS[split][0])
     seen = SEEN_PAIRS if hold_out else ALL_PAIRS
     specs = []
     for family in FAMILIES:
         for u in rng.random((n_per_family, 7)):
-            if split == "seen":
+            if pairs == "seen":
                 specs.append(_spec_from_uniforms(family, u, seen, seen))
                 continue
             spec = _spec_from_uniforms(family, u, HELD_OUT_PAIRS, ALL_PAIRS)
@@ -177,7 +191,7 @@ def eval_specs(split, n_per_family, seed=1234, hold_out=True):
     return specs
 
 
-# ----------------------------------------------------------------------------- the world
+# the world
 
 
 class ShapesWorld:
@@ -280,21 +294,21 @@ class ShapesWorld:
 
 class WorldPool:
     """A fixed sample of the shapes world, encoded once by the frozen tokenizer, for the flow stage.
-    On a CPU, rendering and encoding each batch is 20-40 % of a flow step; a pool of pictures drawn
+    On a CPU, rendering and encoding each batch costs a good share of a flow step; a pool of pictures drawn
     again and again (each draw re-samples the posterior, and the text side its own noise) buys that
     time back as flow steps. The pictures come from their own stream seeded by `seed`, so a resumed
     run rebuilds the same pool; which pictures a batch takes comes from `world`'s generator, which
     checkpoints save."""
 
     @torch.no_grad()
-    def __init__(self, world, tok, n, seed, batch=500):
+    def __init__(self, world, tokenizer, n, seed, batch=500):
         source = ShapesWorld(world.image_size, world.hold_out, seed=seed, device=world.device)
         self.world, self.specs, moments = world, [], []
         t0 = time.time()
         print(f"latent pool: encoding {n} pictures of the shapes world", flush=True)
         for start in range(0, n, batch):
             img, _, specs = source.batch(min(batch, n - start))
-            moments.append(torch.stack(tok.encode(img), 1).float())  # (b, 2, K, C): mean, logvar
+            moments.append(torch.stack(tokenizer.encode(img), 1).float())  # (b, 2, K, C): mean, logvar
             self.specs += specs
         self.moments = torch.cat(moments)  # (n, 2, K, C)
         print(f"latent pool: {n} pictures encoded in {time.time() - t0:.0f} s")
@@ -307,7 +321,8 @@ class WorldPool:
         return m[:, 0], m[:, 1], [caption(s) for s in specs], specs
 
 
-# ----------------------------------------------------------------------------- judging
+# -----------------------------------------------------------------------------
+# 2. The judge
 
 
 def _label_components(cls):
@@ -441,7 +456,90 @@ def accuracy(oks, specs):
     return out
 
 
-# ----------------------------------------------------------------------------- your own captioned images
+# judging a trained model
+
+def eval_images(image_size, specs, split, device):
+    """The fixed ground-truth renders of a split's evaluation specs."""
+    return ShapesWorld(image_size, seed=EVAL_SEEDS[split][1], device=device).render(specs)
+
+
+@torch.no_grad()
+def evaluate(tokenizer, model, bpe, s, n, split="val", directions=("t2i", "i2t"), inverse=False, hold_out=True):
+    """Judge accuracy per family on seen and held-out prompts of a split (n per family each), drawn
+    with the sampling settings s: text -> image, and with 'i2t' image -> text (the text decoder's
+    most likely caption, and the best of s.candidates), both round trips, and the text decoder's
+    exact-match round trip decode(encode(caption))."""
+    res, dev = {}, tokenizer.scale_factor.device
+    likeliest = dataclasses.replace(s, candidates=1)
+    for pairs in ("seen", "heldout"):
+        specs = eval_specs(pairs, n, split, hold_out)
+        prompts = [caption(x) for x in specs]
+        imgs = ft.text_to_image(tokenizer, model, bpe, prompts, s)
+        res[f"t2i_{pairs}"] = accuracy(judge_images(imgs, specs), specs)
+        if "i2t" not in directions:
+            continue
+        truth = eval_images(tokenizer.cfg.image_size, specs, split, dev)
+        if s.candidates > 1:
+            caps = ft.image_to_text(tokenizer, model, bpe, truth, likeliest, inverse)
+            res[f"i2t_likeliest_{pairs}"] = accuracy(judge_captions(caps, specs), specs)
+        caps = ft.image_to_text(tokenizer, model, bpe, truth, s, inverse)
+        res[f"i2t_{pairs}"] = accuracy(judge_captions(caps, specs), specs)
+        # text -> image -> text: is the caption of the generated image the prompt?
+        back = ft.image_to_text(tokenizer, model, bpe, imgs, s, inverse)
+        res[f"t2i2t_{pairs}"] = accuracy(judge_captions(back, specs), specs)
+        # image -> text -> image: does the picture drawn from the caption pass for the original spec?
+        with warnings.catch_warnings():  # the captions are model output: over-long ones are just wrong
+            warnings.simplefilter("ignore")
+            redrawn = ft.text_to_image(tokenizer, model, bpe, [c or "?" for c in caps], s)
+        res[f"i2t2i_{pairs}"] = accuracy(judge_images(redrawn, specs), specs)
+        ids = bpe.encode(prompts).to(dev)
+        dec = [bpe.decode(x) for x in model.text_decoder(model.text_encoder(ids)[0]).argmax(-1)]
+        res[f"text_roundtrip_{pairs}"] = accuracy([a == b for a, b in zip(dec, prompts)], specs)
+    return res
+
+
+@torch.no_grad()
+def evaluate_tokenizer(tokenizer, n, bpe=None, images=None, captions=None, guidance=0.0, split="val",
+                       hold_out=True):
+    """PSNR (and, on the shapes world, judge accuracy) of reconstructions from the posterior mean:
+    of the given images, or of a split's evaluation renders (n per family, seen and held-out).
+    'recon_blind' decodes without the captions (what the latent alone holds); 'recon' lets a
+    text-aware decoder read them (when bpe is given), with the decoder guidance `guidance`, as
+    when it draws text -> image."""
+    dev = tokenizer.scale_factor.device
+
+    def recon_psnr(img, caps):
+        ids = bpe.encode(caps).to(dev) if caps is not None and bpe is not None else None
+        rec = tokenizer.decode(tokenizer.encode(img)[0], ids, guidance).clamp(0, 1)
+        mse = (rec - img).pow(2).flatten(1).mean(1)
+        return rec, (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()
+    if images is not None:
+        return {"recon": {"psnr": recon_psnr(images, captions)[1]}}
+    res = {}
+    for pairs in ("seen", "heldout"):
+        specs = eval_specs(pairs, n, split, hold_out)
+        img = eval_images(tokenizer.cfg.image_size, specs, split, dev)
+        variants = {"recon_blind": None}
+        if tokenizer.cfg.text_aware and bpe is not None:
+            variants["recon"] = [caption(x) for x in specs]
+        for name, caps in variants.items():
+            rec, psnr = recon_psnr(img, caps)
+            res[f"{name}_{pairs}"] = {**accuracy(judge_images(rec, specs), specs), "psnr": psnr}
+    return res
+
+
+def report(res, multiline=False):
+    """An evaluation's results as one line (or one line per entry)."""
+    parts = []
+    for name, acc in res.items():
+        if isinstance(acc, dict):
+            parts.append(f"{name}: " + " ".join(f"{k} {v:.3f}" if k != "psnr" else f"psnr {v:.2f}dB"
+                                                for k, v in acc.items()))
+    return ("\n" if multiline else " | ").join(parts)
+
+
+# -----------------------------------------------------------------------------
+# 3. Your own captioned images, and picture grids
 # A folder of your pictures with captions, in one of three layouts found automatically:
 #   imagefolder  metadata.jsonl or metadata.csv with columns file_name (relative path) and text
 #   txt          cat.jpg beside cat.txt, searched recursively
@@ -741,19 +839,19 @@ class LatentCache:
     instead of decoding and encoding pixels. FlowTok's own pipeline trains on such pre-tokenized
     latents; the posterior is re-sampled at every use. Rebuilt when the data or tokenizer changes."""
 
-    def __init__(self, ds, path, tok, batch=256):
+    def __init__(self, ds, path, tokenizer, batch=256):
         self.ds, self.path = ds, path
-        weights = sum(float(v.double().sum()) for v in tok.state_dict().values())
-        key = f"{ds.fingerprint}-{len(ds)}-{tok.cfg.num_tokens}x{tok.cfg.token_dim}-{weights:.10e}"
+        weights = sum(float(v.double().sum()) for v in tokenizer.state_dict().values())
+        key = f"{ds.fingerprint}-{len(ds)}-{tokenizer.cfg.num_tokens}x{tokenizer.cfg.token_dim}-{weights:.10e}"
         meta = path + ".json"
         if not (os.path.exists(path) and os.path.exists(meta) and json.load(open(meta))["key"] == key):
-            self._build(tok, key, batch)
+            self._build(tokenizer, key, batch)
         self.moments = np.load(path, mmap_mode="r")  # (N, 2, K, C) float16, paged in on demand
         ds.bad = sorted(set(ds.bad) | set(json.load(open(meta))["bad"]))
 
     @torch.no_grad()
-    def _build(self, tok, key, batch):
-        N, K, C = len(self.ds), tok.cfg.num_tokens, tok.cfg.token_dim
+    def _build(self, tokenizer, key, batch):
+        N, K, C = len(self.ds), tokenizer.cfg.num_tokens, tokenizer.cfg.token_dim
         tmp = f"{self.path}.{os.getpid()}.tmp.npy"  # per process: DDP ranks may build it at the same time
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(N, 2, K, C))
         t0 = time.time()
@@ -762,7 +860,7 @@ class LatentCache:
             loaded = [(i, img) for i in idx if (img := self.ds._load(i)) is not None]
             if loaded:
                 x = torch.stack([img for _, img in loaded]).to(self.ds.device).float() / 255
-                mean, logvar = tok.encode(x)
+                mean, logvar = tokenizer.encode(x)
                 out[[i for i, _ in loaded]] = torch.stack([mean, logvar], 1).cpu().numpy().astype(np.float16)
             print(f"latent cache: {min(N, start + batch)}/{N} images encoded", end="\r", flush=True)
         out.flush()
@@ -778,3 +876,33 @@ class LatentCache:
         idx, _, caps = zip(*self.ds.items(n, load=False))
         m = torch.from_numpy(self.moments[np.array(idx)].astype(np.float32)).to(self.ds.device)  # (n, 2, K, C)
         return m[:, 0], m[:, 1], list(caps), [None] * n
+
+
+def save_grid(images, labels, path, cols=8, cell=128):
+    """images (B, 3, S, S) in [0, 1] -> one PNG with each label written under its picture."""
+    font = ImageFont.load_default(size=11)
+    B = len(images)
+    cols = min(cols, B)
+    rows = math.ceil(B / cols)
+    text_h = 40
+    canvas = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    arr = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (B, S, S, 3)
+    for i in range(B):
+        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
+        canvas.paste(Image.fromarray(arr[i]).resize((cell, cell), Image.NEAREST), (x, y))
+        draw.multiline_text((x + 3, y + cell + 2), wrap(labels[i], 22), fill="black", font=font, spacing=1)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+
+
+def wrap(text, width, max_lines=3):
+    """Words into lines of at most `width` characters (a longer word stays whole)."""
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return "\n".join((lines + [line])[:max_lines])

@@ -7,7 +7,7 @@ shape with a compact 1-D tokenizer, and learns a single velocity field that carr
 straight into the second. This file is the whole model, in the order of the paper:
 
     helpers -> blocks -> 1-D image tokenizer -> text side (BPE, encoder, decoder)
-            -> flow transformer (+ the losses) -> Euler ODE sampler -> image -> text's check
+            -> flow transformer (+ the losses) -> Euler ODE sampler -> using a trained model
 
 The flow convention, stated once and used everywhere (tests check it in closed form):
 
@@ -20,16 +20,25 @@ Image -> text uses the same path with the roles swapped (source = image latent a
 Two things here are ours, not the paper's: the text-aware tokenizer decoder is guided towards the
 caption when it draws (ImageTokenizer.decode), and image -> text checks its reading by how well that
 decoder redraws the picture from each candidate caption (caption_candidates).
+
+Naming: `tokenizer` is always the image tokenizer, `bpe` the text tokenizer; `cfg` is always a
+config, and classifier-free guidance is spelled `guidance`.
 """
 
 import functools
 import math
 import re
 import os
+import sys
+import inspect
+import argparse
 import tempfile
+import time
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from collections import Counter
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -48,8 +57,8 @@ def sincos_1d(n, dim):
 
 def sincos_2d(grid, dim):
     """Fixed 2-D sin-cos positions for a grid x grid patch layout, (grid*grid, dim).
-    Half the channels encode the row, half the column. Without this 2-D structure the tokenizer
-    sits for hundreds of steps at the mean image (prototype-notes.md, lesson 2)."""
+    Half the channels encode the row, half the column. With only learned 1-D positions the
+    tokenizer sits for hundreds of steps at the mean image: the latent learns the colour, not the place."""
     row = sincos_1d(grid, dim // 2)  # (grid, dim/2)
     return torch.cat([row.repeat_interleave(grid, 0), row.repeat(grid, 1)], dim=1)  # (grid*grid, dim)
 
@@ -94,16 +103,10 @@ def modulate(x, shift, scale):
 # Blocks: attention, MLP, pre-norm transformer block, DiT adaLN-Zero block
 
 class Attention(nn.Module):
-    # Class-wide switch (train.py --sdpa=manual): the formula written out instead of SDPA. Under
-    # bf16 on a CPU, at our short sequences (16-80 tokens), it is the fastest: PyTorch's fused CPU
-    # kernel has a slow bf16 backward, and its math kernel spends 15-25 % of a tokenizer step on
-    # masking checks we do not need.
-    manual = False
-
     def __init__(self, dim, n_head):
         super().__init__()
-        assert dim % n_head == 0, f"width {dim} must be divisible by n_head {n_head}"
         self.n_head = n_head
+        self.manual = False  # the formula written out instead of SDPA: see use_manual_attention
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
@@ -116,6 +119,16 @@ class Attention(nn.Module):
         return self.proj(rearrange(y, "b h n d -> b n (h d)"))
 
 
+def use_manual_attention(model, on):
+    """Switch every attention layer of `model` between SDPA and the formula written out. Under bf16
+    on a CPU, at our short sequences (16-80 tokens), the written-out formula is the faster one:
+    PyTorch's fused CPU kernel has a slow bf16 backward, and its math kernel pays for masking
+    checks we do not need."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.manual = on
+
+
 class MLP(nn.Module):
     def __init__(self, dim, ratio=4):
         super().__init__()
@@ -123,7 +136,7 @@ class MLP(nn.Module):
         self.proj = nn.Linear(ratio * dim, dim)
 
     def forward(self, x):
-        # exact (erf) GELU: on CPU the tanh approximation is ~5x slower, on GPU either is cheap
+        # exact (erf) GELU: on CPU the tanh approximation is the slower one, on GPU either is cheap
         return self.proj(F.gelu(self.fc(x)))
 
 
@@ -228,7 +241,7 @@ def transformer_flops(tokens, width, depth):
 # itself helps draw the flow's output. A share of training captions is hidden from it, so it still
 # decodes with no caption, and can be guided towards the caption like a CFG model (decode's
 # guidance). The latent then keeps less of the shapes, so image -> text checks the flow's reading
-# with this decoder (caption_candidates, at the end of the file). text_aware=False: image-only.
+# with this decoder (caption_candidates, in the last part). text_aware=False: image-only.
 
 @dataclass
 class TokenizerConfig:
@@ -243,41 +256,18 @@ class TokenizerConfig:
     kl_weight: float = 1e-4     # small: keeps the latent bounded, not a prior to sample from
     edge_weight: float = 8.0    # extra reconstruction weight on pixels next to a colour edge; 0 = plain MSE
     text_aware: bool = True     # the decoder also reads the caption (FlowTok); False: image-only
-    vocab_size: int = 0         # caption ids the decoder reads: set from the text tokenizer by train.py
     text_drop: float = 0.1      # share of training captions hidden from the decoder ("no caption")
-    gan_weight: float = 0.0     # patch-GAN loss, as a multiple of the reconstruction loss's gradient
-                                # at the last layer (adaptive weight); 0 = off, 0.1 is a reasonable start
-    gan_start: int = 0          # tokenizer steps before the GAN loss reaches the tokenizer
-    disc_width: int = 32        # discriminator channels: width, 2x, 4x over three stride-2 convs
 
-
-class PatchDiscriminator(nn.Module):
-    """PatchGAN (pix2pix): three stride-2 4x4 convs, then one real/fake logit per (S/8)^2 region.
-    It judges edges and texture locally, which is what an MSE-trained decoder blurs."""
-    def __init__(self, width):
-        super().__init__()
-        layers, c_in = [], 3
-        for c_out in (width, 2 * width, 4 * width):
-            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.GroupNorm(8, c_out), nn.LeakyReLU(0.2)]
-            c_in = c_out
-        self.net = nn.Sequential(*layers, nn.Conv2d(c_in, 1, 3, 1, 1))
-
-    def flops(self, size):
-        """Forward FLOPs per image of side `size`."""
-        total = 0
-        for conv in self.net:
-            if isinstance(conv, nn.Conv2d):
-                size //= conv.stride[0]
-                total += 2 * size * size * conv.weight.numel()
-        return total
-
-    def forward(self, img):
-        return self.net(img * 2 - 1)  # (B, 1, S/8, S/8) logits
+    def __post_init__(self):
+        check_ranges(self, positive=("image_size", "patch_size", "num_tokens", "token_dim", "width", "enc_depth",
+                                     "dec_depth", "n_head"), shares=("text_drop",))
+        check_multiple(self, "image_size", self.patch_size, "patch_size")
+        check_multiple(self, "width", self.n_head, "n_head")
 
 
 def max3x3(x):
     """Maximum over each pixel's 3x3 neighbourhood, as two separable passes of shifted maxima:
-    6x faster on CPU than F.max_pool2d(x, 3, 1, 1), which it equals."""
+    much faster on CPU than F.max_pool2d(x, 3, 1, 1), which it equals."""
     x = F.pad(x, (1, 1, 1, 1), mode="replicate")
     x = torch.maximum(torch.maximum(x[..., :-2], x[..., 1:-1]), x[..., 2:])
     return torch.maximum(torch.maximum(x[..., :-2, :], x[..., 1:-1, :]), x[..., 2:, :])
@@ -291,10 +281,11 @@ def edge_mask(img, tol=0.02):
 
 
 class ImageTokenizer(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, vocab_size=0):
+        """vocab_size: the text tokenizer's, for a text-aware decoder (its id vocab_size means
+        "no caption")."""
         super().__init__()
-        assert cfg.image_size % cfg.patch_size == 0, "image_size must be a multiple of patch_size"
-        self.cfg = cfg
+        self.cfg, self.vocab_size = cfg, vocab_size
         W, K, C, p = cfg.width, cfg.num_tokens, cfg.token_dim, cfg.patch_size
         grid = cfg.image_size // p
         self.register_buffer("patch_pos", sincos_2d(grid, W), persistent=False)  # (N, W)
@@ -309,13 +300,12 @@ class ImageTokenizer(nn.Module):
         self.latent_in = nn.Linear(C, W)
         self.latent_pos = nn.Parameter(torch.zeros(K, W))
         if cfg.text_aware:  # id vocab_size stands for "no caption"; captions are K ids, like the latent
-            assert cfg.vocab_size > 0, "a text-aware tokenizer needs vocab_size (the text tokenizer's)"
-            self.text_in = nn.Embedding(cfg.vocab_size + 1, W)
+            assert vocab_size > 0, "a text-aware tokenizer needs vocab_size (the text tokenizer's)"
+            self.text_in = nn.Embedding(vocab_size + 1, W)
             self.text_pos = nn.Parameter(torch.zeros(K, W))
         self.decoder = nn.Sequential(*[Block(W, cfg.n_head) for _ in range(cfg.dec_depth)])
         self.dec_ln = nn.LayerNorm(W)
         self.to_pixels = nn.Linear(W, 3 * p * p)
-        self.disc = PatchDiscriminator(cfg.disc_width) if cfg.gan_weight > 0 else None
         # Multiplies latents before the flow so they have ~unit std (set by fit_scale after training).
         self.register_buffer("scale_factor", torch.ones(()))
         init_weights(self)
@@ -328,10 +318,8 @@ class ImageTokenizer(nn.Module):
         enc = transformer_flops(T, c.width, c.enc_depth)
         if not train:
             return enc
-        # with the GAN: three discriminator passes (real, detached fake, fake for the tokenizer), x3
-        disc = 9 * self.disc.flops(c.image_size) if self.disc is not None else 0
         dec = transformer_flops(T + c.num_tokens * c.text_aware, c.width, c.dec_depth)
-        return 3 * (enc + dec) + disc
+        return 3 * (enc + dec)
 
     def patchify(self, img):
         return rearrange(img, "b c (h p) (w q) -> b (h w) (p q c)", p=self.cfg.patch_size, q=self.cfg.patch_size)
@@ -359,7 +347,7 @@ class ImageTokenizer(nn.Module):
         x = [masks, self.latent_in(z) + self.latent_pos]
         if self.cfg.text_aware:
             if ids is None:
-                ids = torch.full(z.shape[:2], self.cfg.vocab_size, dtype=torch.long, device=z.device)
+                ids = torch.full(z.shape[:2], self.vocab_size, dtype=torch.long, device=z.device)
             x.append(self.text_in(ids) + self.text_pos)
         x = torch.cat(x, dim=1)  # (B, N + K [+ K caption tokens], W)
         x = self.dec_ln(self.decoder(x)[:, :N])  # (B, N, W): the patch positions carry the pixels
@@ -368,13 +356,13 @@ class ImageTokenizer(nn.Module):
             img = img + guidance * (img - self.decode(z))
         return img
 
-    def forward(self, img, ids=None, step=None):
-        """Reconstruction + KL (+ GAN) loss on a batch of images and their caption ids (B, K);
-        returns (loss, stats). step: the training step, for the GAN's start (None: already started)."""
+    def forward(self, img, ids=None):
+        """Reconstruction + KL loss on a batch of images and their caption ids (B, K); returns
+        (loss, stats)."""
         mean, logvar = self.encode(img)
         if ids is not None and self.cfg.text_aware:  # hide some captions: "no caption" is id vocab_size
             hide = torch.rand(ids.shape[0], 1, device=ids.device) < self.cfg.text_drop
-            ids = ids.masked_fill(hide, self.cfg.vocab_size)
+            ids = ids.masked_fill(hide, self.vocab_size)
         recon = self.decode(gaussian_sample(mean, logvar), ids)
         # MSE, not L1: tried here, L1 sat at the blank white image (its median pixel) for 1400+ steps.
         # Weighted towards outlines: a blurred corner costs few pixels of MSE but turns a small
@@ -383,33 +371,10 @@ class ImageTokenizer(nn.Module):
         w = self.pixel_weights(img)  # (B, 1, S, S)
         rec = (w * err).mean() / w.mean()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-        stats = {"mse": err.mean(), "kl": kl}
-        loss = rec + self.cfg.kl_weight * kl
-        if self.disc is not None:
-            loss = loss + self.gan_losses(img, recon, rec, step, stats)
-        return loss, stats
+        return rec + self.cfg.kl_weight * kl, {"mse": err.mean(), "kl": kl}
 
     def pixel_weights(self, img):
         return 1 + self.cfg.edge_weight * edge_mask(img)
-
-    def gan_losses(self, img, recon, rec, step, stats):
-        """Hinge GAN, VQGAN's recipe, in one backward pass with the reconstruction loss.
-        The discriminator learns real vs (detached) reconstructions from step 0. From gan_start on,
-        the tokenizer also gets -D(recon), through a copy of D whose weights are constants (so that
-        term trains the tokenizer alone), scaled so that its gradient at the last layer is
-        gan_weight times the reconstruction loss's: the two losses' scales drift apart in training, and a
-        fixed weight ends up either doing nothing or drowning the reconstruction."""
-        d_loss = F.relu(1 - self.disc(img)).mean() + F.relu(1 + self.disc(recon.detach())).mean()
-        stats["disc"] = d_loss
-        if step is not None and step < self.cfg.gan_start:
-            return d_loss
-        frozen = {k: v.detach() for k, v in self.disc.named_parameters()}
-        adv = -torch.func.functional_call(self.disc, frozen, (recon,)).mean()
-        last = self.to_pixels.weight
-        g_rec = torch.autograd.grad(rec, last, retain_graph=True)[0].norm()
-        g_adv = torch.autograd.grad(adv, last, retain_graph=True)[0].norm()
-        stats["adv"] = adv
-        return d_loss + self.cfg.gan_weight * (g_rec / (g_adv + 1e-6)).clamp(max=1e4).detach() * adv
 
     @torch.no_grad()
     def latents(self, img, sample=True):
@@ -530,13 +495,12 @@ class TextTokenizer:
         return torch.tensor([self.encode_one(t) for t in texts])
 
     def encode_one(self, text):
-        """str -> K ids. Memoised (see __init__): a flow step encodes 2 x 128 captions, drawn from the
-        few thousand the shapes world has; 128 took 8 ms uncached (tiktoken's batch call) and 0.5 ms
-        cached on a 2-core CPU, ~3 % of a flow step."""
+        """str -> K ids. Memoised (see __init__): a flow step encodes two batches of captions drawn
+        from the few thousand the shapes world has, and a cache hit is far cheaper than tiktoken."""
         ids = self.enc.encode_ordinary(text)
         if not self.warned and len(ids) > self.length:
             warnings.warn(f"caption of {len(ids)} tokens truncated to {self.length} "
-                          f"(raise --num_tokens to keep it): {text[:80]!r}")
+                          f"(raise --tokenizer.num_tokens to keep it): {text[:80]!r}")
             self.warned = True
         ids = ids[:self.length]
         return tuple(ids + [self.pad_id] * (self.length - len(ids)))
@@ -605,9 +569,6 @@ def text_kl(mean, logvar):
 
 @dataclass
 class FlowConfig:
-    vocab_size: int = 512       # set from the text tokenizer at build time
-    num_tokens: int = 16        # K (set from the tokenizer)
-    token_dim: int = 8          # C (set from the tokenizer)
     width: int = 256            # flow transformer width
     depth: int = 6              # flow transformer blocks
     n_head: int = 4             # flow transformer attention heads
@@ -616,42 +577,46 @@ class FlowConfig:
     kl_weight: float = 0.01     # text-latent KL (FlowTok code: 0.01 with the (0.3 mu)^6 prior)
     align_weight: float = 1.0   # contrastive text <-> image alignment (FlowTok: 1.0)
     decoder_weight: float = 1.0 # text decoder reconstruction cross-entropy
-    cfg_prob: float = 0.1       # fraction of samples flagged "unconditional" (CFG indicator)
-    i2t: str = "dedicated"      # image -> text: 'dedicated' (a second transformer, as FlowTok),
-                                # 'shared' (one model told the direction by an embedding: half the
-                                # parameters), 'inverse' (no i2t training: run t2i backwards)
+    null_prob: float = 0.1      # share of samples flagged "unconditional" (for classifier-free guidance)
     i2t_weight: float = 1.0     # image -> text flow loss
-    i2t_frac: float = 0.5       # fraction of each batch that also trains image -> text
-    i2t_target: str = "mean"    # image -> text lands on the text latent's 'mean' or a 'sample' of it
+    i2t_frac: float = 0.5       # share of each batch that also trains image -> text
     round_weight: float = 1.0   # decoder cross-entropy on the i2t flow's predicted end point
-    i2t_t0: float = 0.8         # fraction of the i2t samples trained at t = 0, the step that reads the image
+    i2t_t0: float = 0.8         # share of the i2t samples trained at t = 0, the step that reads the image
+
+    def __post_init__(self):
+        check_ranges(self, positive=("width", "depth", "n_head", "text_width", "text_depth"),
+                     shares=("null_prob", "i2t_frac", "i2t_t0"))
+        check_multiple(self, "width", self.n_head, "n_head")
+        check_multiple(self, "text_width", TEXT_HEADS, "the text side's heads")
+
+
+TEXT_HEADS = 4  # attention heads of the text encoder and decoder
 
 
 class FlowTransformer(nn.Module):
-    """v_theta(x_t, t, flags): (B, K, C) -> (B, K, C). Conditioning c = emb(t) + emb(cfg flag)
-    [+ emb(direction)], fed to every block through adaLN. No cross-attention: the text is not a
-    condition here, it is where the path starts."""
-    def __init__(self, K, C, width, depth, n_head, directions=1):
+    """v_theta(x_t, t, null): (B, K, C) -> (B, K, C). Conditioning c = emb(t) + emb(null flag), fed
+    to every block through adaLN. No cross-attention: the text is not a condition here, it is where
+    the path starts."""
+    def __init__(self, K, C, width, depth, n_head):
         super().__init__()
         self.x_in = nn.Linear(C, width)
         self.register_buffer("pos", sincos_1d(K, width), persistent=False)  # (K, D)
         self.t_embed = TimestepEmbedder(width)
-        self.cfg_embed = nn.Embedding(2, width)         # 0: conditional, 1: "unconditional"
-        self.dir_embed = nn.Embedding(directions, width)  # 0: text -> image, 1: image -> text
+        self.null_embed = nn.Embedding(2, width)  # 0: conditional, 1: "unconditional"
         self.blocks = nn.ModuleList([DiTBlock(width, n_head) for _ in range(depth)])
         self.final = FinalLayer(width, C)
         init_weights(self)
 
-    def forward(self, x, t, null, direction):
-        c = self.t_embed(t) + self.cfg_embed(null) + self.dir_embed(direction)  # (B, D)
+    def forward(self, x, t, null):
+        c = self.t_embed(t) + self.null_embed(null)  # (B, D)
         x = self.x_in(x) + self.pos  # (B, K, D)
         for block in self.blocks:
             x = block(x, c)
         return self.final(x, c)  # (B, K, C)
 
 
-def cfg_roll(x1, prob, generator=None):
-    """FlowTok's CFG indicator: flag ~prob of the samples; the flagged samples' targets are rolled
+def null_roll(x1, prob, generator=None):
+    """FlowTok's guidance indicator: flag ~prob of the samples; the flagged samples' targets are rolled
     by one among themselves, so under the flag the model learns to flow a caption to an unrelated
     image (the unconditional field). With fewer than two flagged there is nothing to roll."""
     null = torch.rand(x1.shape[0], device=x1.device, generator=generator) < prob
@@ -664,19 +629,18 @@ def cfg_roll(x1, prob, generator=None):
 
 
 class FlowTok(nn.Module):
-    """Text encoder + text decoder + flow transformer(s), trained jointly on (caption, image latent)."""
-    def __init__(self, cfg):
+    """Text encoder + text decoder + two flow transformers (text -> image and image -> text, as
+    FlowTok), trained jointly on (caption, image latent). vocab_size comes from the text tokenizer,
+    num_tokens (K) and token_dim (C) from the image tokenizer."""
+    def __init__(self, cfg, vocab_size, num_tokens, token_dim):
         super().__init__()
-        assert cfg.i2t in ("shared", "dedicated", "inverse"), f"unknown i2t mode {cfg.i2t!r}"
-        assert cfg.i2t_target in ("mean", "sample"), f"unknown i2t target {cfg.i2t_target!r}"
         self.cfg = cfg
-        K, C = cfg.num_tokens, cfg.token_dim
-        text = (cfg.vocab_size, K, C, cfg.text_width, cfg.text_depth, 4)
+        K, C = num_tokens, token_dim
+        text = (vocab_size, K, C, cfg.text_width, cfg.text_depth, TEXT_HEADS)
         self.text_encoder = TextEncoder(*text)
         self.text_decoder = TextDecoder(*text)
-        self.flow = FlowTransformer(K, C, cfg.width, cfg.depth, cfg.n_head, 2 if cfg.i2t == "shared" else 1)
-        if cfg.i2t == "dedicated":
-            self.flow_i2t = FlowTransformer(K, C, cfg.width, cfg.depth, cfg.n_head)
+        self.flow = FlowTransformer(K, C, cfg.width, cfg.depth, cfg.n_head)
+        self.flow_i2t = FlowTransformer(K, C, cfg.width, cfg.depth, cfg.n_head)
         # Contrastive alignment: the image latent goes through a small MLP before it is compared
         # with the text latent, so the text latent need not copy the image latent's layout.
         self.image_proj = nn.Sequential(nn.Linear(K * C, cfg.text_width), nn.SiLU(), nn.Linear(cfg.text_width, K * C))
@@ -687,21 +651,18 @@ class FlowTok(nn.Module):
         """Training FLOPs per sample: flow transformer (t2i, plus the i2t share of the batch),
         text encoder and decoder, each 3x their forward; on the i2t share also the text encoder's
         no-grad forward and the decoder's rounding step."""
-        c = self.cfg
-        flow = transformer_flops(c.num_tokens, c.width, c.depth)
-        text = transformer_flops(c.num_tokens, c.text_width, c.text_depth)
-        i2t = (c.i2t != "inverse") * c.i2t_frac
-        return 3 * (flow * (1 + i2t) + 2 * text) + i2t * 4 * text
+        c, K = self.cfg, self.text_decoder.latent_pos.shape[0]
+        flow = transformer_flops(K, c.width, c.depth)
+        text = transformer_flops(K, c.text_width, c.text_depth)
+        return 3 * (flow * (1 + c.i2t_frac) + 2 * text) + c.i2t_frac * 4 * text
 
     def velocity(self, x, t, direction=0, null=0):
         """v_theta(x, t) for one direction (0: text -> image, 1: image -> text). t is a float or
-        (B,); null is 0/1 or a (B,) tensor of CFG flags (1 asks for the unconditional field)."""
+        (B,); null is 0/1 or a (B,) tensor of flags (1 asks for the unconditional field)."""
         B = x.shape[0]
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(B)
         null = torch.as_tensor(null, device=x.device, dtype=torch.long).expand(B)
-        net = self.flow_i2t if (direction == 1 and self.cfg.i2t == "dedicated") else self.flow
-        d = direction if self.cfg.i2t == "shared" else 0
-        return net(x, t, null, torch.full((B,), d, device=x.device, dtype=torch.long))
+        return (self.flow_i2t if direction == 1 else self.flow)(x, t, null)
 
     def forward(self, ids, z_img, ids_i2t=None):
         """One training step's losses. ids (B, K) caption tokens; z_img (B, K, C) image latents
@@ -710,8 +671,8 @@ class FlowTok(nn.Module):
         cfg, B = self.cfg, ids.shape[0]
         mean, logvar = self.text_encoder(ids)
         z_txt = gaussian_sample(mean, logvar)  # the source x0; not detached: the flow trains it
-        # text -> image flow matching, with CFG-indicator rolling of the targets
-        x1, null = cfg_roll(z_img, cfg.cfg_prob)
+        # text -> image flow matching, with the guidance indicator rolling some targets
+        x1, null = null_roll(z_img, cfg.null_prob)
         t = sample_t(B, ids.device)
         v = self.velocity(interpolate(z_txt, x1, t), t, direction=0, null=null)
         fm = F.mse_loss(v, target_velocity(z_txt, x1))
@@ -721,16 +682,14 @@ class FlowTok(nn.Module):
         loss = fm + cfg.kl_weight * kl + cfg.align_weight * align + cfg.decoder_weight * rec
         stats = {"fm": fm, "kl": kl, "align": align, "rec": rec,
                  "spread": mean.std(0).mean()}  # how different captions' latents are; ~0 = collapse
-        if cfg.i2t != "inverse":
-            loss = loss + self.i2t_losses(z_img, ids if ids_i2t is None else ids_i2t, stats)
-        return loss, stats
+        return loss + self.i2t_losses(z_img, ids if ids_i2t is None else ids_i2t, stats), stats
 
     def i2t_losses(self, z_img, ids, stats):
         """Image -> text on the first i2t_frac of the batch: source the image latent, target the
         text latent of the picture's one canonical phrasing `ids`, detached so that this loss cannot
-        move the text latents to make itself easy. The default target is the latent's mean: one
-        point per caption, so the path is a plain regression that straight Euler steps follow,
-        where a noisy sample asks the flow to invent noise the image does not hold (README, Image -> text).
+        move the text latents to make itself easy. The target is the latent's mean: one point per
+        caption, so the path is a plain regression that straight Euler steps follow, where a noisy
+        sample would ask the flow to invent noise the image does not hold.
         Then the rounding loss (Diffusion-LM's L_round): read the end point the model predicts
         from x_t, x1_hat = x_t + (1 - t) v, with the text decoder and score it against the tokens,
         so the flow learns to land where the decoder can read and the decoder learns to read it."""
@@ -738,8 +697,7 @@ class FlowTok(nn.Module):
         n = max(1, int(z_img.shape[0] * cfg.i2t_frac))
         x0, ids = z_img[:n], ids[:n]
         with torch.no_grad():
-            mean, logvar = self.text_encoder(ids)
-            x1 = mean if cfg.i2t_target == "mean" else gaussian_sample(mean, logvar)
+            x1 = self.text_encoder(ids)[0]
         # A share i2t_t0 of them at t = 0. With one end point per caption, the first Euler step from the image
         # decides the caption, and later steps only read on from where it pointed; logit-normal t
         # would spend the training on mid-path points where x_t already holds half the answer.
@@ -754,19 +712,18 @@ class FlowTok(nn.Module):
     # --- sampling -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, ids, steps=20, cfg_scale=2.0, from_mean=False, generator=None):
+    def generate(self, ids, steps=20, guidance=2.0, from_mean=False, generator=None):
         """Caption ids (B, K) -> image latents (B, K, C) by Euler integration from t=0 to t=1."""
         mean, logvar = self.text_encoder(ids)
         x0 = mean if from_mean else gaussian_sample(mean, logvar, generator)
-        return euler(lambda x, t: guided(self, x, t, cfg_scale), x0, steps)
+        return euler(lambda x, t: guided(self, x, t, guidance), x0, steps)
 
     @torch.no_grad()
-    def caption_logits(self, z_img, steps=20, inverse=None):
+    def caption_logits(self, z_img, steps=1, inverse=False):
         """Image latents (B, K, C) -> the text decoder's logits (B, K, vocab) at the end of the
-        image -> text path. inverse (the default for i2t='inverse', a switch for any model)
-        integrates the text->image field backwards from t=1 to t=0 instead, with no image->text
-        training at all."""
-        if self.cfg.i2t == "inverse" if inverse is None else inverse:
+        image -> text path. inverse integrates the text -> image field backwards from t=1 to t=0
+        instead, ignoring the image -> text transformer (a baseline: it reads far worse)."""
+        if inverse:
             z_txt = euler(lambda x, t: self.velocity(x, t, direction=0), z_img, steps, 1.0, 0.0)
         else:
             z_txt = euler(lambda x, t: self.velocity(x, t, direction=1), z_img, steps)
@@ -776,7 +733,7 @@ class FlowTok(nn.Module):
 # Euler ODE sampler with classifier-free guidance
 
 def guided(model, x, t, scale):
-    """CFG through the indicator: v = v_null + s * (v_cond - v_null), both from one batched pass
+    """Classifier-free guidance through the indicator: v = v_null + s * (v_cond - v_null), both from one batched pass
     (null flag 0 for the first half, 1 for the second)."""
     null = torch.arange(2, device=x.device).repeat_interleave(x.shape[0])  # (2B,): B zeros, B ones
     v_cond, v_null = model.velocity(torch.cat([x, x]), t, direction=0, null=null).chunk(2)
@@ -792,7 +749,263 @@ def euler(velocity, x, steps, t_start=0.0, t_end=1.0):
     return x
 
 
-# image -> text: the text decoder's reading, checked by the text-aware image decoder
+# -----------------------------------------------------------------------------
+# Using a trained model: settings, checkpoints, drawing in both directions
+#
+# Every setting has one home: a dataclass field whose comment is its --help text. train.py, sample.py
+# and bench.py build their flags from these dataclasses; a checkpoint carries the ones it was made with.
+
+@dataclass
+class SampleConfig:
+    steps: int = 20             # Euler steps text -> image (and image -> text with --inverse)
+    guidance: float = 2.0       # classifier-free guidance on the flow, v_null + s (v_cond - v_null); 1 = none
+    dec_guidance: float = 1.0   # text-aware decoder: guidance towards the caption, x_c + s (x_c - x_none); 0 = none
+    i2t_steps: int = 1          # Euler steps image -> text: one end point per caption makes its paths straight
+    candidates: int = 16        # image -> text: captions drawn per image; the one the text-aware decoder
+                                # redraws the picture best from is kept (1 = the most likely, unchecked)
+    from_mean: bool = False     # start text -> image at the text latent's mean instead of a sample
+
+    def __post_init__(self):
+        check_ranges(self, positive=("steps", "i2t_steps", "candidates"))
+
+
+# Named presets, each a few overrides of the defaults by flag name. 'cpu' is the defaults: a 2-core
+# CPU in about half an hour. train.py picks 'gpu' on CUDA, 'cpu' elsewhere.
+PRESETS = {
+    "cpu": {},
+    "gpu": {"tokenizer_steps": 6000, "tokenizer_batch": 128, "tokenizer_lr": 1e-3, "flow_steps": 8000,
+            "flow_batch": 256, "tokenizer.width": 256, "tokenizer.enc_depth": 4, "tokenizer.dec_depth": 6,
+            "flow.width": 384, "flow.depth": 8, "flow.n_head": 6, "eval_interval": 2000},
+    # the paper's shapes: 256 px, patch 16, K = 77 tokens x C = 16 channels, flow transformer sizes of
+    # FlowTok-B / XL / H (its Table 1); for bench.py and real-data training on a GPU
+    **{name: {"tokenizer.image_size": 256, "tokenizer.patch_size": 16, "tokenizer.num_tokens": 77,
+              "tokenizer.token_dim": 16, "tokenizer.width": 768, "tokenizer.enc_depth": 12,
+              "tokenizer.dec_depth": 12, "tokenizer.n_head": 12, "flow.width": w, "flow.depth": d,
+              "flow.n_head": h, "flow.text_width": 512, "flow.text_depth": 6, "tokenizer_batch": 32,
+              "flow_batch": 256, "tokenizer_lr": 1e-4, "flow_lr": 4e-4}
+       for name, (w, d, h) in {"B": (768, 12, 12), "XL": (1152, 28, 16), "H": (1280, 36, 20)}.items()},
+    # your own pictures on a CPU, in minutes: 64 px, longer captions (K = 32), C = 8
+    "photo64": {"tokenizer.num_tokens": 32, "tokenizer.token_dim": 8, "tokenizer.kl_weight": 1e-5,
+                "tokenizer_steps": 3000, "flow_steps": 1500, "eval_interval": 500},
+    # for tests and smoke runs: seconds, not a useful model
+    "tiny": {"tokenizer_steps": 20, "tokenizer_batch": 8, "flow_steps": 20, "flow_batch": 16, "warmup": 5,
+             "latent_pool": 64, "tokenizer.width": 32, "tokenizer.enc_depth": 1, "tokenizer.dec_depth": 1,
+             "tokenizer.n_head": 2, "flow.width": 32, "flow.depth": 1, "flow.n_head": 2, "flow.text_width": 32,
+             "flow.text_depth": 1, "log_interval": 5, "eval_interval": 10, "eval_prompts": 2, "final_prompts": 2,
+             "sample.steps": 2},
+}
+
+
+def parse_settings(parser, sections, argv=None):
+    """Settings from the dataclass defaults, then the preset's overrides, then the command line.
+    sections: {flag prefix: (dataclass, title)}; one of them has the 'preset' field. Returns
+    ({prefix: config}, the command line's own {flag: value})."""
+    for prefix, (cls, title) in sections.items():
+        add_fields(parser, cls, prefix, title)
+    cli = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    preset = cli.get("preset", "auto")
+    if preset == "auto":
+        preset = "gpu" if torch.cuda.is_available() else "cpu"
+    if preset not in PRESETS:
+        parser.error(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)} or auto")
+    settings = {**PRESETS[preset], **cli, "preset": preset}
+    configs = {}
+    for prefix, (cls, _) in sections.items():
+        names = {f.name for f in dataclasses.fields(cls)}
+        mine = {k[len(prefix):]: v for k, v in settings.items() if k.startswith(prefix) and k[len(prefix):] in names}
+        configs[prefix] = build_config(cls, mine, prefix, parser)
+    return configs, cli
+
+
+def check_ranges(cfg, positive=(), shares=()):
+    """Every number in a config is >= 0; those named in `positive` are >= 1 (whole numbers) or > 0;
+    `shares` lie in [0, 1]. A ValueError starting with the field's name otherwise (the command lines
+    print it after the flag's prefix)."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if f.name not in positive and v < 0:
+            raise ValueError(f"{f.name} must be >= 0, not {v}")
+        if f.name in positive and (v < 1 if isinstance(v, int) else v <= 0):
+            raise ValueError(f"{f.name} must be {'>= 1' if isinstance(v, int) else '> 0'}, not {v}")
+        if f.name in shares and v > 1:
+            raise ValueError(f"{f.name} is a share, between 0 and 1, not {v}")
+
+
+def check_multiple(cfg, name, of, what):
+    if getattr(cfg, name) % of:
+        raise ValueError(f"{name} must be a multiple of {what} ({of}), not {getattr(cfg, name)}")
+
+
+def str2bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
+
+
+def field_help(cls):
+    """The comment after each field of a config dataclass, with its continuation lines: its --help."""
+    helps, name = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        if m := re.match(r"\s+(\w+):[^#\n]*#\s*(.*)$", line):
+            name, helps[m[1]] = m[1], m[2]
+        elif name and (m := re.match(r"\s{8,}#\s*(.*)$", line)):  # indented under the comment above
+            helps[name] += " " + m[1]
+        else:
+            name = None
+    return helps
+
+
+def add_fields(parser, cls, prefix, title):
+    """One flag per dataclass field, --prefix.name=value (booleans also bare: --name). Every flag's
+    default is None, so what the command line set can be told from what it did not."""
+    group = parser.add_argument_group(title)
+    helps = field_help(cls)
+    for f in dataclasses.fields(cls):
+        kind = bool if f.default is None else type(f.default)  # None: a switch meaning 'auto'
+        auto = " (default auto)" if f.default is None else f" (default {f.default!r})"
+        group.add_argument(f"--{prefix}{f.name}", type=str2bool if kind is bool else kind, default=None,
+                           metavar=kind.__name__, help=helps.get(f.name, "") + auto,
+                           **({"nargs": "?", "const": True} if kind is bool else {}))
+
+
+def build_config(cls, values, prefix, parser):
+    """cls(**values); a range error names the flag: '--prefix.name must be ...'."""
+    try:
+        return cls(**values)
+    except ValueError as e:
+        parser.error(f"--{prefix}{e}")
+
+
+def pick_device(name="auto"):
+    if name != "auto":
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+
+
+@functools.cache
+def cpu_bf16_is_faster():
+    """Whether this CPU multiplies bf16 matrices clearly faster than fp32, measured at the flow's
+    sizes (a fraction of a second, once). CPUs with AMX or AVX512-BF16 do; others emulate bf16 and
+    are far slower in it, so a capability flag alone would guess wrong on some machines."""
+    pairs = {dtype: (torch.randn(2048, 256, dtype=dtype), torch.randn(256, 1024, dtype=dtype))
+             for dtype in (torch.float32, torch.bfloat16)}
+    best = {dtype: math.inf for dtype in pairs}
+    for _ in range(10):  # interleaved, the fastest of each: a busy moment spoils one try, not the verdict
+        for dtype, (x, y) in pairs.items():
+            t = time.perf_counter()
+            x @ y
+            best[dtype] = min(best[dtype], time.perf_counter() - t)
+    return best[torch.bfloat16] < 0.5 * best[torch.float32]  # a wide margin, again against noise
+
+
+def mixed_precision(dev, bf16=None, fp16=True):
+    """-> (bf16, fp16, autocast context, GradScaler). bf16=None: on where it is faster, i.e. on CUDA
+    with bf16 support and on CPUs where cpu_bf16_is_faster. GPUs without bf16 use fp16 (unless
+    fp16=False), with a GradScaler against gradient underflow."""
+    if bf16 is None:
+        bf16 = torch.cuda.is_bf16_supported() if dev.type == "cuda" else dev.type == "cpu" and cpu_bf16_is_faster()
+    fp16 = dev.type == "cuda" and not bf16 and fp16
+    ctx = torch.autocast(dev.type, dtype=torch.bfloat16 if bf16 else torch.float16) if (bf16 or fp16) else nullcontext()
+    return bf16, fp16, ctx, torch.amp.GradScaler(dev.type, enabled=fp16)
+
+
+def make_optimizer(model, lr, weight_decay, dev):
+    """AdamW, decaying only matrices (not biases, norms); the fused kernel on CUDA and on the CPU,
+    where it beats plain AdamW's per-tensor loop with the same results."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=dev.type in ("cuda", "cpu"))
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def save_checkpoint(state, out_dir, name="ckpt.pt"):
+    """Write to a temp file, flush it to disk, then rename over the old one: a crash or kill -9 at
+    any moment leaves either the previous checkpoint or the new one, never half of one."""
+    path = os.path.join(out_dir, name)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}: train first: python train.py")
+    try:
+        # weights_only: a checkpoint is data, never code to run
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} as a nano FlowTok checkpoint ({type(e).__name__}); "
+                              "it is damaged or not one of ours: retrain or pick another --ckpt") from None
+
+
+def saved_config(cls, state, key, path):
+    """A config dataclass from a checkpoint; settings this version does not know, or that the
+    checkpoint lacks, are a one-line error."""
+    d = state.get(key) or {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for what, keys in (("unknown", set(d) - names), ("missing", names - set(d))):
+        if keys:
+            raise CheckpointError(f"{path} was written by another version of nano FlowTok ({what} {cls.__name__} "
+                                  f"settings: {', '.join(sorted(keys))}): retrain, or use that version")
+    return cls(**d)
+
+
+def tokenizer_from(state, path, device):
+    """The image tokenizer of a checkpoint (any stage), in eval mode."""
+    vocab = TextTokenizer.from_state_dict(state["bpe"]).vocab_size
+    tokenizer = ImageTokenizer(saved_config(TokenizerConfig, state, "tokenizer_cfg", path), vocab).to(device)
+    tokenizer.load_state_dict(state["tokenizer"])
+    return tokenizer.eval()
+
+
+def load_models(path, device):
+    """Checkpoint -> (image tokenizer, EMA flow model, text tokenizer, its sampling settings)."""
+    state = load_checkpoint(path, device)
+    if not state.get("ema"):
+        raise CheckpointError(f"{path} has no trained flow yet (stage {state.get('stage')!r}): "
+                              "finish training: python train.py --resume")
+    tokenizer = tokenizer_from(state, path, device)
+    bpe = TextTokenizer.from_state_dict(state["bpe"])
+    c = tokenizer.cfg
+    model = FlowTok(saved_config(FlowConfig, state, "flow_cfg", path), bpe.vocab_size, c.num_tokens, c.token_dim)
+    model.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in state["ema"].items()})
+    return tokenizer, model.to(device).eval(), bpe, saved_config(SampleConfig, state, "sample_cfg", path)
+
+
+@torch.no_grad()
+def text_to_image(tokenizer, model, bpe, prompts, s, seed=0, batch=256):
+    """Captions -> images (B, 3, S, S) in [0, 1], drawn with the sampling settings s."""
+    dev = tokenizer.scale_factor.device
+    g = torch.Generator(dev).manual_seed(seed)
+    out = []
+    for i in range(0, len(prompts), batch):
+        ids = bpe.encode(prompts[i:i + batch]).to(dev)
+        out.append(tokenizer.images(model.generate(ids, s.steps, s.guidance, s.from_mean, g), ids, s.dec_guidance))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def image_to_text(tokenizer, model, bpe, images, s, inverse=False, batch=256):
+    """Images (B, 3, S, S) in [0, 1] -> B captions: the best of s.candidates (caption_candidates).
+    inverse runs the text -> image field backwards, in s.steps (its paths are not straight)."""
+    out = []
+    for i in range(0, len(images), batch):
+        cands = caption_candidates(tokenizer, model, images[i:i + batch], s.candidates,
+                                   s.steps if inverse else s.i2t_steps, inverse)
+        out += [bpe.decode(x) for x in cands[:, 0]]
+    return out
+
 
 def pick_tokens(logits, generator=None):
     """Logits (B, K, vocab) -> ids (B, K): the most likely, or drawn with the generator."""
@@ -802,7 +1015,7 @@ def pick_tokens(logits, generator=None):
 
 
 @torch.no_grad()
-def caption_candidates(tok, model, img, n, steps=1, inverse=None, generator=None):
+def caption_candidates(tokenizer, model, img, n, steps=1, inverse=False, generator=None):
     """Image -> text with a check FlowTok does not have: images (B, 3, S, S) -> n candidate
     captions per image (B, n, K), best first. Candidate 0 is the text decoder's most likely tokens;
     the others are drawn from its distribution (by default the same draws for every call). A
@@ -810,11 +1023,11 @@ def caption_candidates(tok, model, img, n, steps=1, inverse=None, generator=None
     and the caption: it was trained to take from the words what the latent leaves out (mostly the
     shapes), so a wrong word draws a wrong picture. An image-only tokenizer cannot tell them apart:
     they keep that order."""
-    z = tok.latents(img, sample=False)
+    z = tokenizer.latents(img, sample=False)
     logits = model.caption_logits(z, steps, inverse)  # (B, K, vocab)
     generator = generator or torch.Generator(img.device).manual_seed(0)
     cands = torch.stack([logits.argmax(-1)] + [pick_tokens(logits, generator) for _ in range(n - 1)], 1)
-    if tok.cfg.text_aware and n > 1:
-        err = torch.stack([tok.redraw_error(img, z, cands[:, i]) for i in range(n)], 1)  # (B, n)
+    if tokenizer.cfg.text_aware and n > 1:
+        err = torch.stack([tokenizer.redraw_error(img, z, cands[:, i]) for i in range(n)], 1)  # (B, n)
         cands = cands.gather(1, err.argsort(dim=1, stable=True)[..., None].expand_as(cands))
     return cands  # (B, n, K)

@@ -259,22 +259,31 @@ class ShapesWorld:
         present = np.arange(MAX_OBJECTS)[None] < n_obj[:, None]
         return cx * present, cy * present, r
 
-    def render(self, specs, rng=None):
-        """Specs -> float images (B, 3, S, S) in [0, 1] on self.device: flat palette colours on white."""
+    def render(self, specs, rng=None, soft=False):
+        """Specs -> float images (B, 3, S, S) in [0, 1] on self.device: flat palette colours on white.
+        soft: another renderer of the same specs, to test a model on pictures it was not trained on:
+        every centre moved off the pixel grid by up to half a pixel, and edges anti-aliased (each
+        pixel the mean of 4 x 4 samples), so outlines are one pixel of blended colour."""
+        rng = self.rng if rng is None else rng
         cx, cy, r = self.layout(specs, rng)
         B, S, dev = len(specs), self.image_size, self.device
+        n = 4 if soft else 1  # samples per pixel side
+        shift = rng.uniform(-0.5, 0.5, (2, B, MAX_OBJECTS)) if soft else np.zeros((2, B, MAX_OBJECTS))
+        grid = (torch.arange(S * n, device=dev, dtype=torch.float32) + 0.5) / n  # sample positions, in pixels
         # One row per object: its image, slot, shape and colour.
         rows = [(b, o, SHAPES.index(shape), COLOR_NAMES.index(color))
                 for b, spec in enumerate(specs) for o, (color, shape) in enumerate(spec.objects)]
         img, slot, shape, color = np.array(rows).T  # (K,) each
-        as_t = lambda a: torch.as_tensor(a, device=dev).view(-1, 1, 1)
-        dx = self.grid.view(1, 1, S) - as_t(cx[img, slot])  # (K, 1, S)
-        dy = self.grid.view(1, S, 1) - as_t(cy[img, slot])  # (K, S, 1)
-        rk = as_t(r[img]).float()  # (K, 1, 1)
-        mask = torch.zeros(B, MAX_OBJECTS, S, S, device=dev)  # (B, O, S, S), empty slots stay 0
+        as_t = lambda a: torch.as_tensor(a, device=dev, dtype=torch.float32).view(-1, 1, 1)
+        dx = grid.view(1, 1, -1) - as_t(cx[img, slot] + shift[0, img, slot])  # (K, 1, nS)
+        dy = grid.view(1, -1, 1) - as_t(cy[img, slot] + shift[1, img, slot])  # (K, nS, 1)
+        rk = as_t(r[img])  # (K, 1, 1)
+        mask = torch.zeros(B, MAX_OBJECTS, S * n, S * n, device=dev)  # (B, O, nS, nS), empty slots stay 0
         for i, name in enumerate(SHAPES):  # each object is tested against its own shape only
             sel = np.flatnonzero(shape == i)
             mask[img[sel], slot[sel]] = inside_shape(name, dx[sel], dy[sel], rk[sel]).float()
+        if soft:
+            mask = torch.nn.functional.avg_pool2d(mask, n)  # (B, O, S, S): the share of each pixel covered
         ink = torch.zeros(B, MAX_OBJECTS, 3, device=dev)  # (B, O, 3) how far each object is from white
         ink[img, slot] = 1 - self.palette[color]
         # Objects never overlap, so painting is white minus a plain sum over objects (a batched matmul).
@@ -458,9 +467,9 @@ def accuracy(oks, specs):
 
 # judging a trained model
 
-def eval_images(image_size, specs, split, device):
-    """The fixed ground-truth renders of a split's evaluation specs."""
-    return ShapesWorld(image_size, seed=EVAL_SEEDS[split][1], device=device).render(specs)
+def eval_images(image_size, specs, split, device, soft=False):
+    """The fixed ground-truth renders of a split's evaluation specs (soft: see ShapesWorld.render)."""
+    return ShapesWorld(image_size, seed=EVAL_SEEDS[split][1], device=device).render(specs, soft=soft)
 
 
 @torch.no_grad()

@@ -595,6 +595,17 @@ def test_ground_truth_judges_perfect(image_size, splits, n):
             assert accuracy(oks, specs) == {"single": 1.0, "relation": 1.0, "count": 1.0, "overall": 1.0}
 
 
+def test_soft_renders_are_another_renderer_of_the_same_specs():
+    """Centres off the pixel grid and anti-aliased edges: the same pictures to a reader, not the same
+    pixels; the judge still passes nearly all of them (blended outline pixels match no colour)."""
+    specs = eval_specs("seen", 30, "val")
+    hard, soft = (data.eval_images(64, specs, "val", "cpu", soft=s) for s in (False, True))
+    blended = ((soft > 0.02) & (soft < 0.98) & ((soft - soft.round()).abs() > 0.02)).any(1).float().mean()
+    assert not torch.equal(hard, soft) and blended > 0.01  # some pixels are mixtures of two colours
+    assert (hard - soft).abs().mean() < 0.05  # ... and only along the outlines
+    assert accuracy(judge_images(soft, specs), specs)["overall"] >= 0.9
+
+
 def test_uint8_images_judge_the_same():
     specs = eval_specs("seen", 10)
     images = ShapesWorld(seed=3).render(specs)

@@ -5,8 +5,8 @@
    (vocabulary -> specs and captions -> sampling -> rendering).
 2. The judge: says exactly whether a picture (or a caption) matches a prompt; usable alone.
    Beside it, the evaluation of a trained model with it, on validation or test prompts.
-3. Your own captioned images (three folder layouts), with the shapes world's interface, and
-   picture grids.
+3. Your own captioned images (three folder layouts), with the shapes world's interface; picture
+   grids and charts.
 """
 import csv
 import dataclasses
@@ -548,7 +548,7 @@ def report(res, multiline=False):
 
 
 # -----------------------------------------------------------------------------
-# 3. Your own captioned images, and picture grids
+# 3. Your own captioned images; picture grids and charts
 # A folder of your pictures with captions, in one of three layouts found automatically:
 #   imagefolder  metadata.jsonl or metadata.csv with columns file_name (relative path) and text
 #   txt          cat.jpg beside cat.txt, searched recursively
@@ -888,7 +888,8 @@ class LatentCache:
 
 
 def save_grid(images, labels, path, cols=8, cell=128):
-    """images (B, 3, S, S) in [0, 1] -> one PNG with each label written under its picture."""
+    """images (B, 3, S, S) in [0, 1] -> one PNG with each label written under its picture (path
+    None: only returned, as a PIL image)."""
     font = ImageFont.load_default(size=11)
     B = len(images)
     cols = min(cols, B)
@@ -901,8 +902,58 @@ def save_grid(images, labels, path, cols=8, cell=128):
         x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
         canvas.paste(Image.fromarray(arr[i]).resize((cell, cell), Image.NEAREST), (x, y))
         draw.multiline_text((x + 3, y + cell + 2), wrap(labels[i], 22), fill="black", font=font, spacing=1)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path)
+    return save_png(canvas, path)
+
+
+def save_png(img, path):
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        img.save(path)
+    return img
+
+
+# matplotlib's "tab10" colours, in its order
+CHART_COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+                (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+
+def line_chart(series, path=None, title="", xlabel="", ylabel="", ylim=None, logy=False, size=(480, 300)):
+    """{name: (xs, ys)} -> a line chart with Pillow alone (no plotting library to install): framed
+    axes with 5 ticks each, a legend on the right, every point marked. ylim fixes the y range (e.g.
+    (0, 1) for accuracies); logy plots log10(y), leaving out y <= 0. Returns the PIL image (saved
+    as a PNG at path, when given)."""
+    font = ImageFont.load_default(size=11)
+    pts = {name: [(x, math.log10(y) if logy else y) for x, y in zip(xs, ys) if y > 0 or not logy]
+           for name, (xs, ys) in series.items()}
+    xs, ys = [x for p in pts.values() for x, _ in p], [y for p in pts.values() for _, y in p]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = ylim or (min(ys), max(ys))
+    x1, y1 = max(x1, x0 + 1e-9), max(y1, y0 + 1e-9)  # a single point or a flat line still has a range
+    W, H = size
+    left, right, top, bottom = 50, 130, 22, 36  # room for the y ticks, the legend, the title, the x ticks
+    px = lambda x: left + (x - x0) / (x1 - x0) * (W - left - right)
+    py = lambda y: H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom)
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle((left, top, W - right, H - bottom), outline="black")
+    for i in range(5):
+        x, y = x0 + i / 4 * (x1 - x0), y0 + i / 4 * (y1 - y0)
+        d.line((px(x), H - bottom, px(x), H - bottom + 3), fill="black")
+        d.text((px(x), H - bottom + 5), f"{x:.4g}", fill="black", font=font, anchor="mt")
+        d.line((left - 3, py(y), left, py(y)), fill="black")
+        d.text((left - 5, py(y)), f"{10 ** y:.2g}" if logy else f"{y:.3g}", fill="black", font=font, anchor="rm")
+    for i, (name, p) in enumerate(pts.items()):
+        color, xy = CHART_COLORS[i % len(CHART_COLORS)], [(px(x), py(y)) for x, y in p]
+        if len(xy) > 1:
+            d.line(xy, fill=color, width=2)
+        for x, y in xy:
+            d.ellipse((x - 2, y - 2, x + 2, y + 2), fill=color)
+        d.line((W - right + 8, top + 14 * i + 6, W - right + 24, top + 14 * i + 6), fill=color, width=2)
+        d.text((W - right + 28, top + 14 * i), name, fill="black", font=font)
+    d.text(((left + W - right) / 2, 4), title, fill="black", font=font, anchor="mt")
+    d.text(((left + W - right) / 2, H - 4), xlabel, fill="black", font=font, anchor="mb")
+    d.text((4, 4), ylabel, fill="black", font=font)
+    return save_png(img, path)
 
 
 def wrap(text, width, max_lines=3):

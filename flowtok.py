@@ -712,11 +712,12 @@ class FlowTok(nn.Module):
     # --- sampling -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, ids, steps=20, guidance=2.0, from_mean=False, generator=None):
-        """Caption ids (B, K) -> image latents (B, K, C) by Euler integration from t=0 to t=1."""
+    def generate(self, ids, steps=20, guidance=2.0, from_mean=False, generator=None, trace=None):
+        """Caption ids (B, K) -> image latents (B, K, C) by Euler integration from t=0 to t=1
+        (trace: see euler)."""
         mean, logvar = self.text_encoder(ids)
         x0 = mean if from_mean else gaussian_sample(mean, logvar, generator)
-        return euler(lambda x, t: guided(self, x, t, guidance), x0, steps)
+        return euler(lambda x, t: guided(self, x, t, guidance), x0, steps, trace=trace)
 
     @torch.no_grad()
     def caption_logits(self, z_img, steps=1, inverse=False):
@@ -740,12 +741,16 @@ def guided(model, x, t, scale):
     return v_null + scale * (v_cond - v_null)
 
 
-def euler(velocity, x, steps, t_start=0.0, t_end=1.0):
+def euler(velocity, x, steps, t_start=0.0, t_end=1.0, trace=None):
     """Integrate dx/dt = velocity(x, t) from t_start to t_end in `steps` equal Euler steps.
-    With t_end < t_start it runs backwards (dt < 0)."""
+    With t_end < t_start it runs backwards (dt < 0). A list `trace` receives x at every step,
+    the start and the end included (steps + 1 of them)."""
     ts = torch.linspace(t_start, t_end, steps + 1).tolist()
+    trace = [] if trace is None else trace
+    trace.append(x)
     for t0, t1 in zip(ts[:-1], ts[1:]):
         x = x + (t1 - t0) * velocity(x, t0)
+        trace.append(x)
     return x
 
 

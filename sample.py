@@ -6,7 +6,12 @@ Sample from a trained nano FlowTok.
     python sample.py --image photo.png --image other.jpg                       # image -> text
     python sample.py --recon my_photos/      # the tokenizer's reconstructions: PSNR and a grid
     python sample.py --eval                  # judge both directions and round trips (test prompts)
-    python sample.py --sweep                 # accuracy vs Euler steps and guidance (validation prompts)
+    python sample.py --sweep                 # accuracy vs Euler steps and guidance (tables and charts)
+    python sample.py --trajectory --prompt "a large red square"   # x_t decoded at every Euler step
+    python sample.py --trajectory --image pic.png --i2t_steps 8    # the captions read along image -> text
+    python sample.py --interpolate "a small red circle" "a large blue square" --num_samples 8
+    python sample.py --image pic.png --edit "a small blue circle"  # read the caption, draw it edited
+    python sample.py --edit_eval 100         # judge caption edits of shapes-world renders (test prompts)
 
 The sampling settings default to the ones stored in the checkpoint; their flags override them.
 """
@@ -17,6 +22,7 @@ import json
 import argparse
 import dataclasses
 import warnings
+import math
 
 import torch
 
@@ -26,16 +32,18 @@ import data
 
 def sweep(tokenizer, model, bpe, s, ckpt_dir, n, split):
     """Text -> image accuracy vs Euler steps x guidance, image -> text accuracy vs steps, and
-    accuracy vs training minutes (from evals.jsonl): a table each."""
+    accuracy vs training minutes (from evals.jsonl): a table each, and charts of them in ckpt_dir."""
     print(f"text -> image judge accuracy, {split} prompts, {n} per family and split, source: "
           f"{'text-latent mean' if s.from_mean else 'text-latent sample'}")
     print("| steps | guidance | seen overall | held-out overall | seen single | seen relation | seen count |")
     print("|---|---|---|---|---|---|---|")
-    for steps in (1, 2, 4, 8, 20):
-        for guidance in (1.0, 2.0, 3.0):
+    all_steps, guidances, t2i, i2t = (1, 2, 4, 8, 20), (1.0, 2.0, 3.0), {}, {}
+    for steps in all_steps:
+        for guidance in guidances:
             r = data.evaluate(tokenizer, model, bpe, dataclasses.replace(s, steps=steps, guidance=guidance), n,
                               split, directions=("t2i",))
             a, h = r["t2i_seen"], r["t2i_heldout"]
+            t2i[steps, guidance] = a["overall"]
             print(f"| {steps} | {guidance:g} | {a['overall']:.3f} | {h['overall']:.3f} | {a['single']:.3f} | "
                   f"{a['relation']:.3f} | {a['count']:.3f} |", flush=True)
     print(f"\nimage -> text exact-caption accuracy vs Euler steps, {split} pictures, {n} per family and split, "
@@ -43,7 +51,7 @@ def sweep(tokenizer, model, bpe, s, ckpt_dir, n, split):
     print("| steps | seen overall | held-out overall | seen single | seen relation | seen count |")
     print("|---|---|---|---|---|---|")
     dev = tokenizer.scale_factor.device
-    for steps in (1, 2, 4, 8, 20):
+    for steps in all_steps:
         acc = {}
         for pairs in ("seen", "heldout"):
             specs = data.eval_specs(pairs, n, split)
@@ -51,17 +59,30 @@ def sweep(tokenizer, model, bpe, s, ckpt_dir, n, split):
                                     dataclasses.replace(s, i2t_steps=steps))
             acc[pairs] = data.accuracy(data.judge_captions(caps, specs), specs)
         a = acc["seen"]
+        i2t[steps] = a["overall"]
         print(f"| {steps} | {a['overall']:.3f} | {acc['heldout']['overall']:.3f} | {a['single']:.3f} | "
               f"{a['relation']:.3f} | {a['count']:.3f} |", flush=True)
+    def chart(name, series, xlabel, title):
+        data.line_chart(series, os.path.join(ckpt_dir, name), title, xlabel, "accuracy", (0, 1))
+        print(f"chart: {os.path.join(ckpt_dir, name)}")
+    chart("sweep_steps.png", {**{f"t2i, guidance {g:g}": (all_steps, [t2i[st, g] for st in all_steps]) for g in guidances},
+                              "i2t": (all_steps, [i2t[st] for st in all_steps])},
+          "Euler steps", f"accuracy vs Euler steps ({split}, seen)")
+    chart("sweep_guidance.png", {f"t2i, {st} steps": (guidances, [t2i[st, g] for g in guidances]) for st in all_steps},
+          "guidance scale", f"text -> image accuracy vs guidance ({split}, seen)")
     path = os.path.join(ckpt_dir, "evals.jsonl")
     if os.path.exists(path):
         print("\naccuracy vs training minutes (periodic evaluations logged by train.py, validation prompts)")
         print("| flow step | flow minutes | total minutes | seen overall | seen single | held-out overall |")
         print("|---|---|---|---|---|---|")
-        for line in open(path):
-            r = json.loads(line)
+        rows = [json.loads(line) for line in open(path)]
+        for r in rows:
             print(f"| {r['step']} | {r['minutes']:.1f} | {r.get('total_minutes', float('nan')):.1f} | "
                   f"{r['t2i_seen']['overall']:.3f} | {r['t2i_seen']['single']:.3f} | {r['t2i_heldout']['overall']:.3f} |")
+        minutes = [r.get("total_minutes", r["minutes"]) for r in rows]
+        chart("accuracy_vs_minutes.png", {name: (minutes, [r[key][part] for r in rows]) for name, key, part in (
+            ("t2i seen", "t2i_seen", "overall"), ("t2i seen single", "t2i_seen", "single"),
+            ("t2i held-out", "t2i_heldout", "overall"))}, "training minutes", "text -> image accuracy (val) vs training")
 
 
 def image_files(paths):
@@ -109,6 +130,111 @@ def reconstruct(tokenizer, paths, dev, out, batch=256):
     return failed
 
 
+# -----------------------------------------------------------------------------
+# watching the flow: trajectories, interpolation, caption edits
+
+def field(model, s):
+    """The velocity text -> image sampling follows: the flow with classifier-free guidance."""
+    return lambda x, t: ft.guided(model, x, t, s.guidance)
+
+
+@torch.no_grad()
+def trajectory(tokenizer, model, bpe, s, out, prompts=(), imgs=None, seed=0):
+    """--trajectory: one row per prompt (text -> image) or picture (image -> text), one column per
+    Euler step, each the picture the tokenizer decodes from x_t; image -> text adds the caption
+    the text decoder reads from x_t. The same frames animated in out's .gif."""
+    dev, xs = tokenizer.scale_factor.device, []
+    if prompts:  # the sampler's own path and decoding: the last column is --prompt's picture
+        ids = bpe.encode(prompts).to(dev)
+        model.generate(ids, s.steps, s.guidance, s.from_mean, torch.Generator(dev).manual_seed(seed), xs)
+        texts = [list(prompts)] + [[""] * len(prompts)] * s.steps  # [step][row]
+    else:  # image -> text has no caption to give the decoder
+        ids = None
+        ft.euler(lambda x, t: model.velocity(x, t, direction=1), tokenizer.latents(imgs, sample=False),
+                 s.i2t_steps, trace=xs)
+        texts = [[bpe.decode(r) for r in model.text_decoder(x).argmax(-1)] for x in xs]
+    frames = [tokenizer.images(x, ids, s.dec_guidance) for x in xs]  # (steps + 1) x (B, 3, S, S)
+    labels = [[f"t={i / (len(xs) - 1):.2f}" + (f": {x}" if x else "") for i, x in enumerate(row)]
+              for row in zip(*texts)]  # [row][step]
+    data.save_grid(torch.stack(frames, 1).flatten(0, 1), sum(labels, []), out, cols=len(xs))
+    gif = [data.save_grid(f, [row[i] for row in labels], None) for i, f in enumerate(frames)]
+    gif[0].save(os.path.splitext(out)[0] + ".gif", save_all=True, append_images=gif[1:], duration=500, loop=0)
+    return texts
+
+
+@torch.no_grad()
+def interpolation(tokenizer, model, bpe, s, captions, n, seed=0):
+    """--interpolate: n pictures drawn from sources on the way from one caption's text latent to
+    the other's, all with the same noise."""
+    dev = tokenizer.scale_factor.device
+    mean, logvar = model.text_encoder(bpe.encode(captions).to(dev))  # (2, K, C)
+    # Linear between the two Gaussians, means and sigmas alike, with one noise draw for the row:
+    # every source is a sample of a Gaussian between the two, made with the same noise (the same as
+    # --prompt draws for the first caption with this seed). Slerp keeps the norm of two independent
+    # noise draws; here there is one, and the means are points, for which a straight line is the path.
+    w = torch.linspace(0, 1, n, device=dev).view(n, 1, 1)
+    eps = torch.randn(mean[:1].shape, device=dev, generator=torch.Generator(dev).manual_seed(seed))
+    x0 = torch.lerp(mean[0], mean[1], w) + (0 if s.from_mean else torch.lerp(*(0.5 * logvar).exp(), w) * eps)
+    # Decoded without a caption: a text-aware decoder reading either caption would change the picture too.
+    imgs = tokenizer.images(ft.euler(field(model, s), x0, s.steps))
+    return imgs, [f"w={x:.2f}" + (f": {captions[round(x)]}" if x in (0, 1) else "") for x in w.view(-1).tolist()]
+
+
+@torch.no_grad()
+def edit(tokenizer, model, bpe, s, imgs, captions):
+    """Caption editing: read each picture's caption (image -> text), run the text -> image path
+    backwards from the picture's latent to the source x0 that draws it, and keep that source's noise,
+    eps = (x0 - mean) / sigma under the caption read, around the new caption's mean and sigma.
+    -> captions read, the pictures drawn from the sources as found (the round trip), edited pictures."""
+    dev, B = tokenizer.scale_factor.device, len(imgs)
+    read = ft.image_to_text(tokenizer, model, bpe, imgs, s)
+    with warnings.catch_warnings():  # a caption read is model output: an over-long one is just wrong
+        warnings.simplefilter("ignore")
+        ids = bpe.encode(read + list(captions)).to(dev)
+    mean, logvar = model.text_encoder(ids)  # (2B, K, C): the captions read, then the new ones
+    std = (0.5 * logvar).exp()
+    x0 = ft.euler(field(model, s), tokenizer.latents(imgs, sample=False), s.steps, 1.0, 0.0)
+    eps = (x0 - mean[:B]) / std[:B]
+    drawn = tokenizer.images(ft.euler(field(model, s), mean + std * torch.cat([eps, eps]), s.steps), ids,
+                             s.dec_guidance)
+    return read, drawn[:B], drawn[B:]
+
+
+def edited(spec, kind):
+    """A single-object spec with one attribute ('color', 'shape' or 'size') changed to the next value
+    round its list that keeps the colour-shape pair a seen one."""
+    (color, shape), = spec.objects
+    now = {"color": color, "shape": shape, "size": spec.size}
+    values = {"color": data.COLOR_NAMES, "shape": data.SHAPES, "size": data.SIZES}[kind]
+    i = values.index(now[kind])
+    new = ({**now, kind: v} for v in values[i + 1:] + values[:i])
+    return next(x for n in new if not data.is_held_out(x := data.Spec("single", ((n["color"], n["shape"]),), n["size"])))
+
+
+@torch.no_grad()
+def edit_eval(tokenizer, model, bpe, s, n, split, seed):
+    """--edit_eval: n single-object edits per attribute kind of a split's renders, judged; beside
+    them fresh drawings of the same new captions (nothing of the picture kept), for comparison."""
+    specs = data.eval_specs("seen", n, split)[:n]  # the single family comes first
+    imgs = data.eval_images(tokenizer.cfg.image_size, specs, split, tokenizer.scale_factor.device)
+    near = data.SIZE_FRACTION["small"] * tokenizer.cfg.image_size  # a small object's radius
+    print(f"caption edits of {n} {split} renders per attribute; position kept: centre moved <= {near:.1f} px")
+    print("| edited | drawn from | caption read right | shows the new caption | other two attributes kept | "
+          "position kept |\n|---|---|---|---|---|---|")
+    for kind in ("color", "shape", "size"):
+        new = [edited(x, kind) for x in specs]
+        caps = [data.caption(x) for x in new]
+        read, _, out = edit(tokenizer, model, bpe, s, imgs, caps)
+        read_ok = sum(data.judge_captions(read, specs)) / n
+        fresh = ft.text_to_image(tokenizer, model, bpe, caps, s, seed)
+        for source, pics in (("the inverted source", out), ("a fresh source", fresh)):
+            objs = [(a, b[0]) for a, b in zip(data.find_objects(imgs), data.find_objects(pics)) if len(b) == 1]
+            others = sum(all(a[0][k] == b[k] for k in ("color", "shape", "size") if k != kind) for a, b in objs)
+            kept = sum(math.hypot(a[0]["cx"] - b["cx"], a[0]["cy"] - b["cy"]) <= near for a, b in objs)
+            print(f"| {kind} | {source} | {read_ok:.2f} | {sum(data.judge_images(pics, new)) / n:.2f} | "
+                  f"{others / n:.2f} | {kept / n:.2f} |", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Sample from a trained nano FlowTok (text -> image, image -> text).")
     p.add_argument("--prompt", action="append", default=[], help="a caption to draw (repeatable)")
@@ -126,6 +252,14 @@ def main(argv=None):
     p.add_argument("--eval_prompts", type=int, default=50, help="prompts per family and split in --eval / --sweep")
     p.add_argument("--split", choices=("val", "test"), default=None,
                    help="evaluation prompts: --eval uses test, --sweep val (choose settings on val only)")
+    p.add_argument("--trajectory", action="store_true", help="with --prompt or --image: the picture (and, from "
+                   "an image, the caption) read from x_t at every Euler step, one row each, and a .gif")
+    p.add_argument("--interpolate", nargs="+", metavar="CAPTION", help="two captions: --num_samples pictures "
+                   "drawn from text latents on the line between theirs, with the same noise")
+    p.add_argument("--edit", metavar="CAPTION", help="with --image: read its caption, then draw the picture "
+                   "again from its own inverted source under this caption (original | read | edited)")
+    p.add_argument("--edit_eval", type=int, default=0, metavar="N",
+                   help="judge N single-object caption edits per attribute kind on shapes-world renders")
     p.add_argument("--inverse", action="store_true",
                    help="image -> text by running the text -> image field backwards (a baseline)")
     p.add_argument("--device", default="auto")
@@ -138,9 +272,16 @@ def main(argv=None):
         prompts += [l.strip() for l in open(a.prompts_file, encoding="utf-8", errors="replace") if l.strip()]
     if any(not x.strip() for x in a.prompt):
         sys.exit("error: empty prompt: give a caption, e.g. --prompt \"a small red circle\"")
-    if not (prompts or a.image or a.sweep or a.eval or a.recon):
+    if a.edit and not a.image:
+        sys.exit("error: --edit needs the picture to edit: --image PATH --edit \"new caption\"")
+    if not (prompts or a.image or a.sweep or a.eval or a.recon or a.interpolate or a.edit_eval):
         sys.exit("error: nothing to do: give --prompt TEXT, --prompts_file FILE, --image PATH, --recon PATH, "
-                 "--sweep or --eval")
+                 "--interpolate A B, --edit_eval N, --sweep or --eval")
+    if a.interpolate and len(a.interpolate) != 2:
+        sys.exit(f"error: --interpolate takes two captions, not {len(a.interpolate)}: "
+                 "--interpolate \"a small red circle\" \"a large blue square\"")
+    if sum(map(bool, (prompts, a.interpolate, a.image and (a.edit or a.trajectory)))) > 1:
+        sys.exit("error: one picture per run: --prompt, --interpolate, or --image with --edit / --trajectory")
     if min(a.num_samples, a.eval_prompts) < 1:
         sys.exit("error: --num_samples and --eval_prompts must be at least 1")
     overrides = {f.name: getattr(a, f.name) for f in dataclasses.fields(ft.SampleConfig) if getattr(a, f.name) is not None}
@@ -165,7 +306,16 @@ def main(argv=None):
         print(data.report(data.evaluate(tokenizer, model, bpe, s, a.eval_prompts, split, inverse=a.inverse), True))
     if a.sweep:
         sweep(tokenizer, model, bpe, s, os.path.dirname(a.ckpt), a.eval_prompts, a.split or "val")
-    if prompts:
+    if a.edit_eval:
+        edit_eval(tokenizer, model, bpe, s, a.edit_eval, a.split or "test", a.seed)
+    if a.interpolate:
+        imgs, labels = interpolation(tokenizer, model, bpe, s, a.interpolate, a.num_samples, a.seed)
+        data.save_grid(imgs, labels, a.out, cols=a.num_samples)
+        print(f"saved {a.num_samples} pictures between the two captions to {a.out}")
+    if prompts and a.trajectory:
+        trajectory(tokenizer, model, bpe, s, a.out, prompts, seed=a.seed)
+        print(f"saved the paths of {len(prompts)} prompts to {a.out} and its .gif")
+    elif prompts:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.formatwarning = lambda msg, *args, **kw: f"warning: {msg}\n"
@@ -176,12 +326,29 @@ def main(argv=None):
     if a.image:
         imgs, loaded, bad = load_images(a.image, tokenizer.cfg.image_size)
         failed += bad
-        for path, img in zip(loaded, imgs):
-            g = torch.Generator(dev).manual_seed(a.seed)
-            cands = ft.caption_candidates(tokenizer, model, img[None].to(dev), max(s.candidates, a.num_samples),
-                                          s.steps if a.inverse else s.i2t_steps, a.inverse, g)
-            caps = list(dict.fromkeys(bpe.decode(x) for x in cands[0]))  # best first, each once
-            print(f"{path}: " + " | ".join(caps[:a.num_samples]))
+        if (a.edit or a.trajectory) and not imgs:
+            sys.exit(1)  # load_images said why
+        batch = torch.stack(imgs).to(dev) if imgs else None
+        if a.edit:
+            read, redrawn, edits = edit(tokenizer, model, bpe, s, batch, [a.edit] * len(imgs))
+            labels = []
+            for path, caption in zip(loaded, read):
+                print(f"{path}: read {caption!r}, drawn as {a.edit!r}")
+                labels += [f"original: {os.path.basename(path)}", f"read: {caption}", f"edit: {a.edit}"]
+            data.save_grid(torch.stack([batch, redrawn, edits], 1).flatten(0, 1), labels, a.out, cols=3)
+            print(f"saved original | read caption | edited to {a.out}")
+        elif a.trajectory:
+            texts = trajectory(tokenizer, model, bpe, s, a.out, imgs=batch)
+            for path, row in zip(loaded, zip(*texts)):
+                print(f"{path}: " + " -> ".join(f"{x!r}" for x in row))
+            print(f"saved the image -> text paths to {a.out} and its .gif")
+        else:
+            for path, img in zip(loaded, batch):
+                g = torch.Generator(dev).manual_seed(a.seed)
+                cands = ft.caption_candidates(tokenizer, model, img[None], max(s.candidates, a.num_samples),
+                                              s.steps if a.inverse else s.i2t_steps, a.inverse, g)
+                caps = list(dict.fromkeys(bpe.decode(x) for x in cands[0]))  # best first, each once
+                print(f"{path}: " + " | ".join(caps[:a.num_samples]))
     if failed:
         sys.exit(1)
 

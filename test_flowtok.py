@@ -1044,3 +1044,101 @@ def test_world_pool_encodes_its_own_stream_and_draws_from_the_training_generator
     m2, _, caps2, _ = pool.batch(5)
     assert torch.equal(m, m2) and caps == caps2
     assert all(any(torch.equal(row, p) for p in pool.moments[:, 0]) for row in m)
+
+# -----------------------------------------------------------------------------
+# watching the flow: trajectories, interpolation, edits, charts
+
+import sample
+
+
+def png_size(path):
+    with Image.open(path) as im:
+        im.load()  # a truncated file fails here
+        return im.size
+
+
+def test_line_chart_draws_each_series_at_its_height(tmp_path):
+    img = data.line_chart({"low": ([0, 1], [0.25, 0.25]), "high": ([0, 2], [0.75, 0.75])}, str(tmp_path / "c.png"),
+                          ylim=(0, 1), size=(400, 250))
+    assert png_size(tmp_path / "c.png") == (400, 250)
+    column = np.asarray(img)[:, 130]  # inside the frame, clear of the tick labels
+    rows = lambda color: np.flatnonzero((column == color).all(-1))
+    top, bottom = rows((0, 0, 0)).min(), rows((0, 0, 0)).max()  # the frame's edges
+    for color, y in zip(data.CHART_COLORS, (0.25, 0.75)):
+        assert abs((bottom - rows(color).mean()) / (bottom - top) - y) < 0.03
+
+
+def test_train_cli_logs_losses_and_draws_them(trained, tmp_path):
+    out, _ = trained
+    rows = [json.loads(l) for l in open(out / "log.jsonl")]
+    assert [(r["stage"], r["step"]) for r in rows] == [(s, i) for s in ("tokenizer", "flow") for i in (5, 10, 15, 20)]
+    assert "mse" in rows[0] and "fm" in rows[-1]
+    assert png_size(out / "losses.png") == (480, 600)  # one chart per stage, stacked
+    log = tmp_path / "log.jsonl"  # resuming at flow step 10 drops the later lines, and a half-written one
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"stage": "fl')
+    train.trim_log(str(log), "flow", 10)
+    assert [json.loads(l) for l in open(log)] == rows[:6]
+
+
+def test_edited_specs_change_one_attribute_to_a_seen_pair():
+    for spec in eval_specs("seen", 30)[:30]:
+        for kind, i in (("color", 0), ("shape", 1)):
+            new = sample.edited(spec, kind)
+            assert new.objects[0][i] != spec.objects[0][i] and new.objects[0][1 - i] == spec.objects[0][1 - i]
+            assert new.size == spec.size and not is_held_out(new)
+        assert sample.edited(spec, "size").objects == spec.objects != sample.edited(spec, "size").size
+
+
+def test_interpolation_shares_the_noise_and_an_edit_to_the_read_caption_is_the_round_trip(trained):
+    out, _ = trained
+    tokenizer, model, bpe, s = ft.load_models(str(out / "ckpt.pt"), "cpu")
+    same, labels = sample.interpolation(tokenizer, model, bpe, s, ["a small red circle"] * 2, 3)
+    assert labels == ["w=0.00: a small red circle", "w=0.50", "w=1.00: a small red circle"]
+    assert torch.allclose(same[0], same[1], atol=1e-6) and torch.allclose(same[0], same[2], atol=1e-6)
+    other, _ = sample.interpolation(tokenizer, model, bpe, s, ["a small red circle"] * 2, 3, seed=1)
+    assert not torch.allclose(same, other)  # the noise is the seed's
+    imgs = data.ShapesWorld(seed=0).batch(2)[0]
+    read = ft.image_to_text(tokenizer, model, bpe, imgs, s)
+    read2, redrawn, edited = sample.edit(tokenizer, model, bpe, s, imgs, read)
+    assert read2 == read and torch.allclose(redrawn, edited, atol=1e-5)
+
+
+def test_sample_cli_trajectories_interpolation_edit_and_sweep_charts(trained, tmp_path):
+    out, _ = trained
+    ckpt, cell = ["--ckpt", str(out / "ckpt.pt")], (128, 128 + 40)
+    pic = tmp_path / "pic.png"
+    Image.fromarray((data.ShapesWorld(seed=0).batch(1)[0][0].permute(1, 2, 0) * 255).byte().numpy()).save(pic)
+    r = run("sample.py", "--trajectory", "--prompt", "a small red circle", "--prompt", "two blue squares", "--steps", "3",
+            *ckpt, "--out", str(tmp_path / "t2i.png"))
+    assert r.returncode == 0, r.stderr
+    assert png_size(tmp_path / "t2i.png") == (4 * cell[0], 2 * cell[1])  # t = 0, 1/3, 2/3, 1; a row per prompt
+    with Image.open(tmp_path / "t2i.gif") as gif:
+        assert gif.n_frames == 4
+    r = run("sample.py", "--trajectory", "--image", str(pic), "--i2t_steps", "2", *ckpt, "--out", str(tmp_path / "i2t.png"))
+    assert r.returncode == 0 and r.stdout.startswith(f"{pic}: ") and r.stdout.splitlines()[0].count(" -> ") == 2
+    assert png_size(tmp_path / "i2t.png") == (3 * cell[0], cell[1])
+    r = run("sample.py", "--interpolate", "a small red circle", "a large blue square", "--num_samples", "5", *ckpt,
+            "--out", str(tmp_path / "mix.png"))
+    assert r.returncode == 0 and png_size(tmp_path / "mix.png") == (5 * cell[0], cell[1])
+    r = run("sample.py", "--image", str(pic), "--edit", "a small blue circle", *ckpt, "--out", str(tmp_path / "edit.png"))
+    assert r.returncode == 0 and f"{pic}: read " in r.stdout and "drawn as 'a small blue circle'" in r.stdout
+    assert png_size(tmp_path / "edit.png") == (3 * cell[0], cell[1])  # original | read caption | edited
+    r = run("sample.py", "--edit_eval", "2", "--sweep", "--eval_prompts", "1", *ckpt)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "caption edits of 2 test renders" in r.stdout
+    assert [l.split(" | ")[0] for l in r.stdout.splitlines() if l.split(" | ")[0] in ("| color", "| shape", "| size")] == \
+        ["| color"] * 2 + ["| shape"] * 2 + ["| size"] * 2  # the inverted source, then a fresh one
+    for name in ("sweep_steps.png", "sweep_guidance.png", "accuracy_vs_minutes.png"):
+        assert png_size(out / name) == (480, 300)
+
+
+def test_sample_watching_errors_are_one_line(trained, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not an image")
+    for args, message in ((["--interpolate", "a small red circle"], "--interpolate takes two captions, not 1"),
+                          (["--edit", "a small red circle"], "--edit needs the picture to edit"),
+                          (["--prompt", "a red circle", "--interpolate", "a", "b"], "one picture per run"),
+                          (["--image", str(tmp_path / "notes.txt"), "--edit", "a red circle"], "not a readable image")):
+        with pytest.raises(SystemExit) as e:  # a string: python prints it as the one line on stderr
+            sample.main([*args, "--ckpt", str(trained[0] / "ckpt.pt")])
+        said = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip()
+        assert e.value.code != 0 and message in said and "\n" not in said, said

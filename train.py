@@ -7,7 +7,8 @@ your own captioned images with --data.
     python train.py --stage=flow --resume
     python train.py -h                   # every setting, with help
 
-Everything lands in --out_dir: ckpt.pt (atomic), samples_*.png, evals.jsonl, report.json.
+Everything lands in --out_dir: ckpt.pt (atomic), samples_*.png, evals.jsonl, report.json, and the
+logged losses: log.jsonl, drawn at the end as losses.png.
 """
 
 import os
@@ -21,6 +22,7 @@ import dataclasses
 from contextlib import nullcontext
 
 import torch
+from PIL import Image
 
 import flowtok as ft
 import data
@@ -176,9 +178,11 @@ def lr_at(step, total, peak, tc):
 
 
 class Logger:
-    """One line per interval: stage, step, losses, ms/step over the interval, images/s, MFU, ETA."""
-    def __init__(self, run, stage, total, batch, flops_per_step, start_step):
+    """One line per interval: stage, step, losses, ms/step over the interval, images/s, MFU, ETA.
+    The losses also go to `path` (JSON lines), for the loss curves drawn at the end."""
+    def __init__(self, run, stage, total, batch, flops_per_step, start_step, path):
         self.run, self.stage, self.total, self.batch, self.flops = run, stage, total, batch, flops_per_step
+        self.path = path
         self.t_start = self.t_last = time.time()
         self.step_start = self.step_last = start_step
 
@@ -187,7 +191,11 @@ class Logger:
         dt = (now - self.t_last) / max(1, step + 1 - self.step_last)
         eta = (now - self.t_start) / max(1, step + 1 - self.step_start) * (self.total - step - 1)
         self.t_last, self.step_last = now, step + 1
-        losses = " ".join(f"{k} {v.item():.4f}" for k, v in stats.items())  # .item() syncs: log time only
+        stats = {k: v.item() for k, v in stats.items()}  # .item() syncs: log time only
+        losses = " ".join(f"{k} {v:.4f}" for k, v in stats.items())
+        if self.run.master:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"stage": self.stage, "step": step + 1, **stats}) + "\n")
         mfu = f" | mfu {100 * self.flops / dt / self.run.peak:.1f}%" if self.run.peak else ""
         self.run.print(f"{self.stage} {step + 1}/{self.total} | {losses} | {1000 * dt:.0f} ms/step | "
                        f"{self.batch / dt:.0f} img/s{mfu} | ETA {int(eta // 60)}:{int(eta % 60):02d}")
@@ -213,7 +221,8 @@ def fit(run, tc, stage, model, loss_fn, steps, batch, lr, state, flops_per_sampl
     accum = tc.grad_accum
     run.print(f"{stage}: {steps} steps, effective batch {batch} x {accum} accumulation x {run.world_size} ranks "
               f"= {batch * accum * run.world_size}")
-    log = Logger(run, stage, steps, batch * accum * run.world_size, flops_per_sample * batch * accum, step)
+    log = Logger(run, stage, steps, batch * accum * run.world_size, flops_per_sample * batch * accum, step,
+                 os.path.join(tc.out_dir, "log.jsonl"))
     signal.signal(signal.SIGINT, run.interrupt)
     while step < steps and not run.stop:
         for g in opt.param_groups:
@@ -409,8 +418,9 @@ def main(argv=None):
     run = Run(tc)
     state["bf16"] = run.bf16
     os.makedirs(tc.out_dir, exist_ok=True)
-    if run.master and not tc.resume and os.path.exists(os.path.join(tc.out_dir, "evals.jsonl")):
-        os.remove(os.path.join(tc.out_dir, "evals.jsonl"))  # a fresh run starts a fresh record
+    for name in ("evals.jsonl", "log.jsonl"):  # a fresh run starts a fresh record
+        if run.master and not tc.resume and os.path.exists(os.path.join(tc.out_dir, name)):
+            os.remove(os.path.join(tc.out_dir, name))
     if tc.resume:
         check_same_model(cli, state, path)
         tokenizer_cfg = ft.saved_config(ft.TokenizerConfig, state, "tokenizer_cfg", path)
@@ -421,6 +431,8 @@ def main(argv=None):
             sample_cfg = dataclasses.replace(saved, **{k[len("sample."):]: v for k, v in cli.items()
                                                        if k.startswith("sample.")})
         run.print(f"resuming from {path}: stage {state['stage']}, step {state['step']}")
+        if run.master:
+            trim_log(os.path.join(tc.out_dir, "log.jsonl"), state["stage"], state["step"])
     world = make_world(tc, tokenizer_cfg, run)
     if tc.latent_cache and not tc.data:
         sys.exit("error: --latent_cache needs --data: the shapes world is an endless stream, nothing to cache")
@@ -448,7 +460,7 @@ def main(argv=None):
                                           hold_out=tc.hold_out)
             run.print("tokenizer reconstructions (validation): " + data.report(res))
     if tc.stage == "tokenizer":
-        return
+        return plot_losses(run, tc.out_dir)
     if not state.get("tokenizer"):
         sys.exit(f"error: no trained tokenizer in {tc.out_dir}/ckpt.pt: run python train.py --stage=tokenizer first")
 
@@ -466,6 +478,7 @@ def main(argv=None):
     run.print(f"flow stage done; {(time.time() - t0) / 60:.1f} min so far")
     if run.master:
         final_report(tc, sample_cfg, tokenizer, ema, bpe, world, t0)
+    plot_losses(run, tc.out_dir)
 
 
 def final_report(tc, sample_cfg, tokenizer, ema, bpe, world, t0):
@@ -486,6 +499,35 @@ def final_report(tc, sample_cfg, tokenizer, ema, bpe, world, t0):
         json.dump(res, f, indent=1)
     print("final report (test prompts):\n" + data.report(res, multiline=True))
     print(f"sample grid: {path}\ntotal time {(time.time() - t0) / 60:.1f} min")
+
+
+STAGES = ("tokenizer", "flow")
+
+
+def trim_log(path, stage, step):
+    """On resume: drop the log lines of the steps after the checkpoint's, which will run again."""
+    if os.path.exists(path):
+        rows = [json.loads(l) for l in open(path) if l.endswith("\n")]  # a line cut short by a kill: dropped
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows
+                         if (STAGES.index(r["stage"]), r["step"]) <= (STAGES.index(stage), step))
+
+
+def plot_losses(run, out_dir):
+    """out_dir/losses.png: each stage's logged losses against its steps, one chart per stage, stacked
+    (log scale: the terms differ by orders of magnitude)."""
+    path = os.path.join(out_dir, "log.jsonl")
+    if not (run.master and os.path.exists(path)):
+        return
+    rows = [json.loads(l) for l in open(path)]
+    charts = [data.line_chart({k: ([r["step"] for r in mine], [r[k] for r in mine]) for k in mine[0] if k not in
+                               ("stage", "step")}, title=f"{stage} stage: the training log", xlabel="step", logy=True)
+              for stage in STAGES if (mine := [r for r in rows if r["stage"] == stage])]
+    out = Image.new("RGB", (charts[0].width, sum(c.height for c in charts)), "white")
+    for i, c in enumerate(charts):
+        out.paste(c, (0, i * c.height))
+    out.save(os.path.join(out_dir, "losses.png"))
+    print(f"loss curves: {os.path.join(out_dir, 'losses.png')}")
 
 
 if __name__ == "__main__":

@@ -476,8 +476,8 @@ def eval_images(image_size, specs, split, device, soft=False):
 def evaluate(tokenizer, model, bpe, s, n, split="val", directions=("t2i", "i2t"), inverse=False, hold_out=True):
     """Judge accuracy per family on seen and held-out prompts of a split (n per family each), drawn
     with the sampling settings s: text -> image, and with 'i2t' image -> text (the text decoder's
-    most likely caption, and the best of s.candidates), both round trips, and the text decoder's
-    exact-match round trip decode(encode(caption))."""
+    most likely caption, and the best of s.candidates; on the world's renders and on soft ones),
+    both round trips, and the text decoder's exact-match round trip decode(encode(caption))."""
     res, dev = {}, tokenizer.scale_factor.device
     likeliest = dataclasses.replace(s, candidates=1)
     for pairs in ("seen", "heldout"):
@@ -487,12 +487,12 @@ def evaluate(tokenizer, model, bpe, s, n, split="val", directions=("t2i", "i2t")
         res[f"t2i_{pairs}"] = accuracy(judge_images(imgs, specs), specs)
         if "i2t" not in directions:
             continue
-        truth = eval_images(tokenizer.cfg.image_size, specs, split, dev)
-        if s.candidates > 1:
-            caps = ft.image_to_text(tokenizer, model, bpe, truth, likeliest, inverse)
-            res[f"i2t_likeliest_{pairs}"] = accuracy(judge_captions(caps, specs), specs)
-        caps = ft.image_to_text(tokenizer, model, bpe, truth, s, inverse)
-        res[f"i2t_{pairs}"] = accuracy(judge_captions(caps, specs), specs)
+        for soft in (True, False):  # pictures of another renderer (soft), then the world's own
+            truth = eval_images(tokenizer.cfg.image_size, specs, split, dev, soft)
+            for name, settings in (("likeliest", likeliest), ("", s)) if s.candidates > 1 else (("", s),):
+                caps = ft.image_to_text(tokenizer, model, bpe, truth, settings, inverse)
+                key = "_".join(["i2t"] + ["soft"] * soft + [name] * bool(name) + [pairs])
+                res[key] = accuracy(judge_captions(caps, specs), specs)
         # text -> image -> text: is the caption of the generated image the prompt?
         back = ft.image_to_text(tokenizer, model, bpe, imgs, s, inverse)
         res[f"t2i2t_{pairs}"] = accuracy(judge_captions(back, specs), specs)

@@ -768,6 +768,8 @@ class SampleConfig:
     i2t_steps: int = 1          # Euler steps image -> text: one end point per caption makes its paths straight
     candidates: int = 16        # image -> text: captions drawn per image; the one the text-aware decoder
                                 # redraws the picture best from is kept (1 = the most likely, unchecked)
+    check_margin: float = 2.0   # image -> text: the check picks only among captions at most this many nats
+                                # less likely than the likeliest, by the text decoder (inf: any)
     from_mean: bool = False     # start text -> image at the text latent's mean instead of a sample
 
     def __post_init__(self):
@@ -1007,7 +1009,7 @@ def image_to_text(tokenizer, model, bpe, images, s, inverse=False, batch=256):
     out = []
     for i in range(0, len(images), batch):
         cands = caption_candidates(tokenizer, model, images[i:i + batch], s.candidates,
-                                   s.steps if inverse else s.i2t_steps, inverse)
+                                   s.steps if inverse else s.i2t_steps, inverse, margin=s.check_margin)
         out += [bpe.decode(x) for x in cands[:, 0]]
     return out
 
@@ -1020,19 +1022,23 @@ def pick_tokens(logits, generator=None):
 
 
 @torch.no_grad()
-def caption_candidates(tokenizer, model, img, n, steps=1, inverse=False, generator=None):
+def caption_candidates(tokenizer, model, img, n, steps=1, inverse=False, generator=None, margin=math.inf):
     """Image -> text with a check FlowTok does not have: images (B, 3, S, S) -> n candidate
     captions per image (B, n, K), best first. Candidate 0 is the text decoder's most likely tokens;
     the others are drawn from its distribution (by default the same draws for every call). A
     text-aware tokenizer then ranks them by how well its decoder redraws the picture from the latent
     and the caption: it was trained to take from the words what the latent leaves out (mostly the
     shapes), so a wrong word draws a wrong picture. An image-only tokenizer cannot tell them apart:
-    they keep that order."""
+    they keep that order. Candidates more than `margin` nats less likely than the likeliest are
+    ranked last: a redraw that happens to fit must not outvote a reading the decoder is sure of."""
     z = tokenizer.latents(img, sample=False)
     logits = model.caption_logits(z, steps, inverse)  # (B, K, vocab)
     generator = generator or torch.Generator(img.device).manual_seed(0)
     cands = torch.stack([logits.argmax(-1)] + [pick_tokens(logits, generator) for _ in range(n - 1)], 1)
     if tokenizer.cfg.text_aware and n > 1:
         err = torch.stack([tokenizer.redraw_error(img, z, cands[:, i]) for i in range(n)], 1)  # (B, n)
+        logp = logits.log_softmax(-1)[:, None].expand(-1, n, -1, -1).gather(-1, cands[..., None])  # (B, n, K, 1)
+        logp = logp.flatten(2).sum(2)  # (B, n): log-probability of each whole caption
+        err = err.masked_fill(logp < logp[:, :1] - margin, math.inf)  # candidate 0 is the likeliest
         cands = cands.gather(1, err.argsort(dim=1, stable=True)[..., None].expand_as(cands))
     return cands  # (B, n, K)

@@ -346,7 +346,7 @@ def main(argv=None):
             for path, img in zip(loaded, batch):
                 g = torch.Generator(dev).manual_seed(a.seed)
                 cands = ft.caption_candidates(tokenizer, model, img[None], max(s.candidates, a.num_samples),
-                                              s.steps if a.inverse else s.i2t_steps, a.inverse, g)
+                                              s.steps if a.inverse else s.i2t_steps, a.inverse, g, s.check_margin)
                 caps = list(dict.fromkeys(bpe.decode(x) for x in cands[0]))  # best first, each once
                 print(f"{path}: " + " | ".join(caps[:a.num_samples]))
     if failed:

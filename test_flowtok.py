@@ -325,6 +325,23 @@ def test_caption_candidates_are_ranked_by_the_text_aware_redrawing():
             assert torch.equal(cands[:, 0], most_likely) and torch.equal(err, err[:, :1].expand_as(err))
 
 
+def test_caption_check_stays_within_the_likelihood_margin():
+    """The check never picks a caption more than `margin` nats less likely than the likeliest."""
+    torch.manual_seed(0)
+    model = perturbed(tiny_flow(300))
+    img = data.ShapesWorld(32, seed=1).batch(3)[0]
+    tokenizer = perturbed(ft.ImageTokenizer(TINY_TOKENIZER, 300), 1)
+    logits = model.caption_logits(tokenizer.latents(img, sample=False), 1)
+    logp = lambda ids: logits.log_softmax(-1).gather(-1, ids[..., None]).flatten(1).sum(1)  # (B,)
+    best = logp(logits.argmax(-1))
+    free = ft.caption_candidates(tokenizer, model, img, 8)[:, 0]  # no margin: the redraw alone decides
+    assert (logp(free) < best - 5).any()  # ... and here it picks a far less likely caption
+    for margin in (0.0, 2.0, 5.0):
+        picked = ft.caption_candidates(tokenizer, model, img, 8, margin=margin)[:, 0]
+        assert (logp(picked) >= best - margin - 1e-4).all(), margin
+    assert torch.equal(ft.caption_candidates(tokenizer, model, img, 8, margin=0.0)[:, 0], logits.argmax(-1))
+
+
 def test_inverse_captioning_runs_the_text_to_image_field_backwards():
     model, z = perturbed(tiny_flow(300)), torch.randn(3, 6, 4)
     back = ft.euler(lambda x, t: model.velocity(x, t, direction=0), z, 3, 1.0, 0.0)
@@ -429,7 +446,8 @@ def test_sample_cli_eval_report(trained):
     r = run("sample.py", "--eval", "--eval_prompts", "1", "--ckpt", str(out / "ckpt.pt"))
     assert r.returncode == 0, r.stderr[-2000:]
     for key in ("recon_seen", "recon_blind_heldout", "t2i_seen", "i2t_heldout", "i2t_likeliest_seen", "t2i2t_seen",
-                "i2t2i_heldout", "text_roundtrip_seen", "test prompts", "SampleConfig(steps=2,"):
+                "i2t2i_heldout", "text_roundtrip_seen", "i2t_soft_likeliest_seen", "i2t_soft_heldout", "test prompts",
+                "SampleConfig(steps=2,"):
         assert key in r.stdout
 
 

@@ -618,14 +618,16 @@ class FlowTransformer(nn.Module):
 def null_roll(x1, prob, generator=None):
     """FlowTok's guidance indicator: flag ~prob of the samples; the flagged samples' targets are rolled
     by one among themselves, so under the flag the model learns to flow a caption to an unrelated
-    image (the unconditional field). With fewer than two flagged there is nothing to roll."""
+    image (the unconditional field). With fewer than two flagged there is nothing to roll.
+    Written with fixed shapes (no nonzero(), no branch on a count), so torch.compile traces the flow
+    step as one graph."""
     null = torch.rand(x1.shape[0], device=x1.device, generator=generator) < prob
-    idx = null.nonzero().squeeze(1)
-    if idx.numel() < 2:
-        return x1, torch.zeros_like(null, dtype=torch.long)
-    x1 = x1.clone()
-    x1[idx] = x1[idx.roll(1)]
-    return x1, null.long()
+    n = null.sum()
+    null = null & (n >= 2)
+    rank = null.cumsum(0) - 1  # (B,): each flagged sample's place among the flagged
+    flagged = torch.argsort((~null).long(), stable=True)  # (B,): the flagged positions first, in order
+    src = torch.where(null, flagged[(rank - 1) % n.clamp_min(1)], torch.arange(len(null), device=x1.device))
+    return x1[src], null.long()
 
 
 class FlowTok(nn.Module):

@@ -73,6 +73,7 @@ class TrainConfig:
     sdpa: str = "auto"            # attention: auto (SDPA picks; the formula written out under CPU bf16)
                                   # | flash | efficient | math (SDPA kernels) | manual (the formula, no SDPA)
     peak_tflops: float = 0.0      # for MFU; 0 = 989 (H100/H200 bf16 dense) on CUDA, not shown elsewhere
+    print_settings: bool = False  # print the settings (defaults, preset, command line) as JSON and exit
 
     def __post_init__(self):
         ft.check_ranges(self, positive=("bpe_vocab", "tokenizer_steps", "tokenizer_batch", "tokenizer_lr",
@@ -201,6 +202,18 @@ class Logger:
                        f"{self.batch / dt:.0f} img/s{mfu} | ETA {int(eta // 60)}:{int(eta % 60):02d}")
 
 
+def rng_state(dev):
+    """The random number generators' states, for exact resumption: the CPU's, and on CUDA every GPU's
+    (t, the noise and the guidance flags are drawn on the device). Tensors: weights_only loads them."""
+    return {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if dev.type == "cuda" else []}
+
+
+def set_rng_state(state, dev):
+    torch.set_rng_state(state["rng"])
+    if dev.type == "cuda" and state.get("cuda_rng"):  # a CPU checkpoint continued on a GPU has none
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
 def check_finite(loss, stage, step):
     if not torch.isfinite(loss):
         sys.exit(f"error: {stage} loss became {loss.item()} at step {step}; the last good checkpoint is kept. "
@@ -216,7 +229,7 @@ def fit(run, tc, stage, model, loss_fn, steps, batch, lr, state, flops_per_sampl
     if state.get("stage") == stage and state.get("optimizer"):
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
-        torch.set_rng_state(state["rng"])  # here, after every model was built: init draws from it too
+        set_rng_state(state, run.dev)  # here, after every model was built: init draws from it too
     net = run.wrap(model)
     accum = tc.grad_accum
     run.print(f"{stage}: {steps} steps, effective batch {batch} x {accum} accumulation x {run.world_size} ranks "
@@ -283,7 +296,7 @@ def train_tokenizer(run, tc, tokenizer, bpe, world, state):
     def on_save(step, opt):
         if run.master:
             state.update(stage="tokenizer", step=step, tokenizer=tokenizer.state_dict(), optimizer=opt.state_dict(),
-                         world=world.state_dict(), rng=torch.get_rng_state(),
+                         world=world.state_dict(), **rng_state(run.dev),
                          tokenizer_seconds=time.time() - t_start)
             ft.save_checkpoint(state, tc.out_dir)
 
@@ -302,7 +315,7 @@ def train_tokenizer(run, tc, tokenizer, bpe, world, state):
         scale = tokenizer.scale_factor.item()
     run.print(f"tokenizer latent scale factor {scale:.4f}")
     state.update(stage="flow", step=0, tokenizer=tokenizer.state_dict(), optimizer=None, world=world.state_dict(),
-                 rng=torch.get_rng_state())
+                 **rng_state(run.dev))
     if run.master:
         ft.save_checkpoint(state, tc.out_dir)
 
@@ -344,7 +357,7 @@ def train_flow(run, tc, sample_cfg, tokenizer, model, ema, bpe, world, state):
         if not run.master:
             return
         state.update(stage="flow", step=step, flow=model.state_dict(), ema=ema.state_dict(),
-                     optimizer=opt.state_dict(), world=world.state_dict(), rng=torch.get_rng_state(),
+                     optimizer=opt.state_dict(), world=world.state_dict(), **rng_state(run.dev),
                      flow_seconds=time.time() - t_start)
         ft.save_checkpoint(state, tc.out_dir)
         if run.stop:  # Ctrl-C: saved, nothing more
@@ -409,6 +422,9 @@ def text_tokenizer(tc, state, world, length):
 
 def main(argv=None):
     tc, tokenizer_cfg, flow_cfg, sample_cfg, cli = parse_args(argv)
+    if tc.print_settings:  # what a preset means, exactly (bench.py reads the schedule from here)
+        return print(json.dumps({k.rstrip(".") or "train": dataclasses.asdict(c) for k, c in
+                                 zip(SECTIONS, (tc, tokenizer_cfg, flow_cfg, sample_cfg))}))
     t0 = time.time()
     state, path = {}, os.path.join(tc.out_dir, "ckpt.pt")
     if tc.resume:

@@ -191,7 +191,7 @@ def report(bc, dev, s, variants, peak, machine):
     plan = bench_variant(dataclasses.replace(bc, tokenizer_batch=tc["tokenizer_batch"], flow_batch=tc["flow_batch"],
                          iters=3), tokenizer_cfg, flow_cfg, s, False, bf16, ("tokenizer", "flow"))
     need = tc["grad_accum"] * (tc["tokenizer_steps"] * plan["tokenizer step"][0] + tc["flow_steps"] * plan["flow step"][0])
-    share = min(1.0, 0.5 * (60 * bc.budget_minutes - (time.time() - t0)) / need)
+    share = max(0.0, min(1.0, 0.5 * (60 * bc.budget_minutes - (time.time() - t0)) / need))
     steps = {k: max(1, int(share * tc[k])) for k in ("tokenizer_steps", "flow_steps")}
     args = [f"--preset={bc.preset}", f"--out_dir={bc.out_dir}", f"--device={bc.device}",
             *(f"--{k}={v}" for k, v in steps.items()), *extra]

@@ -263,6 +263,7 @@ class TokenizerConfig:
                                      "dec_depth", "n_head"), shares=("text_drop",))
         check_multiple(self, "image_size", self.patch_size, "patch_size")
         check_multiple(self, "width", self.n_head, "n_head")
+        check_multiple(self, "width", 4, "4")  # sincos_2d: a sin and a cos for the row and for the column
 
 
 def max3x3(x):
@@ -587,6 +588,7 @@ class FlowConfig:
         check_ranges(self, positive=("width", "depth", "n_head", "text_width", "text_depth"),
                      shares=("null_prob", "i2t_frac", "i2t_t0"))
         check_multiple(self, "width", self.n_head, "n_head")
+        check_multiple(self, "width", 2, "2")  # sincos_1d: a sin and a cos per frequency
         check_multiple(self, "text_width", TEXT_HEADS, "the text side's heads")
 
 

@@ -144,21 +144,20 @@ def predict(st, peak):
         c = tokenizer.cfg
         model = ft.FlowTok(ft.FlowConfig(**st["flow"]), tc["bpe_vocab"], c.num_tokens, c.token_dim)
     pool = 0 if tc["data"] else tc["latent_pool"]  # pictures encoded once; without a pool every flow batch is
-    encode = tokenizer.flops(train=False)
-    stages = [("tokenizer", ft.param_count(tokenizer), tokenizer.flops() * tc["tokenizer_batch"], tc["tokenizer_steps"]),
+    encode, accum = tokenizer.flops(train=False), tc["grad_accum"]
+    stages = [("tokenizer", ft.param_count(tokenizer), tokenizer.flops() * tc["tokenizer_batch"] * accum, tc["tokenizer_steps"]),
               (f"latent pool ({pool} pictures, once)", 0, encode * pool, 1),
-              ("flow", ft.param_count(model), (model.flops() + (not pool) * encode) * tc["flow_batch"], tc["flow_steps"])]
+              ("flow", ft.param_count(model), (model.flops() + (not pool) * encode) * tc["flow_batch"] * accum, tc["flow_steps"])]
+    stages.append(("total", 0, None, sum(flops * steps for _, _, flops, steps in stages)))  # total: FLOPs in 'steps'
     lines = [f"Prediction on paper, not a measurement: preset {tc['preset']} at {peak / 1e12:.0f} TFLOP/s peak; "
              "training matmuls only (no data, evaluation or compilation time).",
              "| stage | parameters | GFLOP per step | steps | PFLOP | min at 30% MFU | min at 50% MFU |",
              "|---|---|---|---|---|---|---|"]
-    total = 0
-    for name, n, flops, steps in stages + [("total", 0, 0, 0)]:
-        flops *= tc["grad_accum"] if steps > 1 else 1
-        run = total if name == "total" else flops * steps
-        total += run
-        lines.append(f"| {name} | {f'{n / 1e6:.1f}M' if n else '-'} | {f'{flops / 1e9:.1f}' if steps else '-'} | "
-                     f"{steps or '-'} | {run / 1e15:.2f} | {run / (0.3 * peak) / 60:.2f} | {run / (0.5 * peak) / 60:.2f} |")
+    for name, n, flops, steps in stages:
+        run = steps if flops is None else flops * steps
+        lines.append(f"| {name} | {f'{n / 1e6:.1f}M' if n else '-'} | {'-' if flops is None else f'{flops / 1e9:.1f}'} | "
+                     f"{'-' if flops is None else steps} | {run / 1e15:.2f} | {run / (0.3 * peak) / 60:.2f} | "
+                     f"{run / (0.5 * peak) / 60:.2f} |")
     return "\n".join(lines)
 
 

@@ -33,12 +33,14 @@ def per_sample(t, x):
 # path
 
 
-def euler(at_end=False, dt=lambda t0, t1, steps: t1 - t0, points=lambda steps: steps + 1):
-    def integrate(velocity, x, steps, t_start=0.0, t_end=1.0):
-        ts = torch.linspace(t_start, t_end, points(steps)).tolist()
+def euler(at_end=False, dt=lambda t0, t1, steps: t1 - t0, points=lambda steps: steps + 1, traced=slice(None)):
+    def integrate(velocity, x, steps, t_start=0.0, t_end=1.0, trace=None):
+        ts, xs = torch.linspace(t_start, t_end, points(steps)).tolist(), [x]
         for t0, t1 in zip(ts[:-1], ts[1:]):
-            x = x + dt(t0, t1, steps) * velocity(x, t1 if at_end else t0)
-        return x
+            xs.append(xs[-1] + dt(t0, t1, steps) * velocity(xs[-1], t1 if at_end else t0))
+        if trace is not None:
+            trace += xs[traced]
+        return xs[-1]
     return integrate
 
 
@@ -70,7 +72,9 @@ PATH = {
         plausible("dt always positive", euler(dt=lambda t0, t1, steps: abs(t1 - t0))),
         plausible("dt = 1 / steps (interval ignored)", euler(dt=lambda t0, t1, steps: 1 / steps)),
         plausible("one step too few", euler(points=lambda steps: steps)),
-        trivial("returns x unchanged", lambda velocity, x, steps, t_start=0.0, t_end=1.0: x),
+        plausible("trace misses the start", euler(traced=slice(1, None))),
+        plausible("trace misses the end", euler(traced=slice(None, -1))),
+        trivial("returns x unchanged", lambda velocity, x, steps, t_start=0.0, t_end=1.0, trace=None: x),
     ],
 }
 

@@ -104,6 +104,11 @@ def test_euler_closed_form(dtype):
     grow = lambda x, t: x  # dx/dt = x: each step multiplies by 1 + dt
     close(ft.euler(grow, torch.ones(1), 4), [1.25 ** 4], 1e-6, "dx/dt = x in 4 steps is (1 + 1/4)^4 = 2.4414 "
           "(one step too few?)")
+    trace = []
+    ft.euler(const, x, 3, trace=trace)
+    assert len(trace) == 4, f"a list trace receives x at the start and after each of 3 steps: 4, not {len(trace)} " \
+        "(trace misses the start? trace misses the end?)"
+    close(torch.stack(trace), torch.stack([x, x + 1, x + 2, x + 3]), 1e-6, "the trace is x, x + 1, x + 2, x + 3")
 
 # -----------------------------------------------------------------------------
 # 2. guidance: the indicator's roll in training, the guided mix in sampling

@@ -64,8 +64,9 @@ def sincos_2d(grid, dim):
 
 
 def timestep_embedding(t, dim, max_period=10000.0):
-    """Sinusoidal embedding of t in [0, 1], (B, dim). t is scaled by 1000 first, as in DiT, so the
-    fastest frequencies resolve small differences in t (FlowTok's code feeds raw t)."""
+    """Sinusoidal embedding of t (B,) in [0, 1] -> (B, dim) float32: [cos(1000 t f), sin(1000 t f)] with
+    f_i = max_period^(-i / half), i < half = dim / 2. t is scaled by 1000 first, as in DiT, so the fastest
+    frequencies resolve small differences in t (FlowTok's code feeds raw t)."""
     half = dim // 2
     freq = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = 1000.0 * t.float()[:, None] * freq[None]
@@ -73,30 +74,31 @@ def timestep_embedding(t, dim, max_period=10000.0):
 
 
 def interpolate(x0, x1, t):
-    """The straight path x_t = (1 - t) x0 + t x1, with t of shape (B,)."""
+    """The straight path x_t = (1 - t) x0 + t x1: x0, x1 (B, ...) and t (B,), one t per sample -> (B, ...)."""
     t = t.view(-1, *([1] * (x0.dim() - 1)))
     return (1 - t) * x0 + t * x1
 
 
 def target_velocity(x0, x1):
-    """d x_t / dt along the straight path: constant in t."""
+    """d x_t / dt along the straight path, v = x1 - x0 (same shape): constant in t."""
     return x1 - x0
 
 
 def sample_t(n, device, generator=None):
-    """Logit-normal t = sigmoid(N(0, 1)): puts most training on the middle of the path, where the
-    velocity is hardest to predict (SD3, FlowTok)."""
+    """Logit-normal t = sigmoid(N(0, 1)), (n,), drawn with `generator`: puts most training on the middle
+    of the path, where the velocity is hardest to predict (SD3, FlowTok)."""
     return torch.sigmoid(torch.randn(n, device=device, generator=generator))
 
 
 def gaussian_sample(mean, logvar, generator=None):
-    """Reparameterised sample mean + sigma * eps (gradients flow into mean and logvar)."""
+    """Reparameterised sample mean + sigma * eps, sigma = exp(logvar / 2), eps ~ N(0, 1) drawn with
+    `generator`; shapes and dtype of mean (gradients flow into mean and logvar)."""
     eps = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype, generator=generator)
     return mean + torch.exp(0.5 * logvar) * eps
 
 
 def modulate(x, shift, scale):
-    """adaLN: x * (1 + scale) + shift, with (B, D) modulations broadcast over tokens."""
+    """adaLN: x (B, N, D) * (1 + scale) + shift, with (B, D) modulations broadcast over the N tokens."""
     return x * (1 + scale[:, None]) + shift[:, None]
 
 # -----------------------------------------------------------------------------
@@ -111,6 +113,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
+        """x (B, N, D) -> (B, N, D): qkv(x) holds q | k | v, each n_head heads of Dh = D / n_head channels;
+        per head softmax(q k^T / sqrt(Dh)) v (SDPA, or written out when self.manual), heads joined, proj."""
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.n_head)
         if self.manual:  # softmax(q k^T / sqrt(Dh)) v
             y = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1) @ v  # (B, H, N, Dh)
@@ -164,6 +168,8 @@ class DiTBlock(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c):
+        """x (B, N, D), c (B, D): ada(c) = shift1 | scale1 | gate1 | shift2 | scale2 | gate2, then
+        x + gate1 attn(modulate(ln1(x), shift1, scale1)) and on that x + gate2 mlp(modulate(ln2(x), shift2, scale2))."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)  # 6 x (B, D)
         x = x + gate1[:, None] * self.attn(modulate(self.ln1(x), shift1, scale1))
         return x + gate2[:, None] * self.mlp(modulate(self.ln2(x), shift2, scale2))
@@ -323,6 +329,8 @@ class ImageTokenizer(nn.Module):
         return 3 * (enc + dec)
 
     def patchify(self, img):
+        """img (B, 3, S, S) -> (B, N, p * p * 3): p x p patches in row-major order, each flattened
+        (row, column, channel) within the patch; unpatchify is its inverse."""
         return rearrange(img, "b c (h p) (w q) -> b (h w) (p q c)", p=self.cfg.patch_size, q=self.cfg.patch_size)
 
     def unpatchify(self, x):
@@ -551,7 +559,9 @@ class TextDecoder(nn.Module):
 
 
 def clip_loss(a, b, logit_scale):
-    """Symmetric InfoNCE between two (B, D) batches: row i of a belongs with row i of b."""
+    """Symmetric InfoNCE between two (B, D) batches, row i of a belongs with row i of b: logits =
+    cosine similarities times exp(logit_scale) capped at 100, (B, B); the mean of the cross-entropies
+    of rows (a -> b) and of columns (b -> a). Returns a scalar."""
     a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     logits = logit_scale.exp().clamp(max=100) * a @ b.t()  # (B, B)
     labels = torch.arange(a.shape[0], device=a.device)
@@ -559,9 +569,9 @@ def clip_loss(a, b, logit_scale):
 
 
 def text_kl(mean, logvar):
-    """FlowTok's text-latent KL: -1/2 sum(1 + logvar - (0.3 mean)^6 - var), summed per sample,
-    averaged over the batch. The (0.3 mu)^6 term leaves |mu| free up to ~3 while pulling the
-    variance towards 1, so the source keeps real noise (diversity) and a readable mean."""
+    """FlowTok's text-latent KL: -1/2 sum(1 + logvar - (0.3 mean)^6 - var), summed per sample, averaged
+    over the batch: mean, logvar (B, K, C) -> a scalar. The (0.3 mu)^6 term leaves |mu| free up to ~3 while
+    pulling the variance towards 1, so the source keeps real noise (diversity) and a readable mean."""
     kl = -0.5 * (1 + logvar - (0.3 * mean).pow(6) - logvar.exp())
     return kl.flatten(1).sum(1).mean()
 
@@ -618,11 +628,11 @@ class FlowTransformer(nn.Module):
 
 
 def null_roll(x1, prob, generator=None):
-    """FlowTok's guidance indicator: flag ~prob of the samples; the flagged samples' targets are rolled
-    by one among themselves, so under the flag the model learns to flow a caption to an unrelated
-    image (the unconditional field). With fewer than two flagged there is nothing to roll.
-    Written with fixed shapes (no nonzero(), no branch on a count), so torch.compile traces the flow
-    step as one graph."""
+    """FlowTok's guidance indicator, x1 (B, K, C) -> (targets, flags (B,) long): flag ~prob of the samples
+    (uniform draw < prob, with `generator`); the flagged samples' targets are rolled by one
+    among themselves, so under the flag the model learns to flow a caption to an unrelated image (the
+    unconditional field). With fewer than two flagged there is nothing to roll. Written with fixed
+    shapes (no nonzero(), no branch on a count), so torch.compile traces the flow step as one graph."""
     null = torch.rand(x1.shape[0], device=x1.device, generator=generator) < prob
     n = null.sum()
     null = null & (n >= 2)
@@ -738,17 +748,17 @@ class FlowTok(nn.Module):
 # Euler ODE sampler with classifier-free guidance
 
 def guided(model, x, t, scale):
-    """Classifier-free guidance through the indicator: v = v_null + s * (v_cond - v_null), both from one batched pass
-    (null flag 0 for the first half, 1 for the second)."""
+    """Classifier-free guidance through the indicator, x (B, K, C) -> (B, K, C): v = v_null + s * (v_cond - v_null),
+    both from one batched pass of the text -> image direction (null flag 0 for the first half, 1 for the second)."""
     null = torch.arange(2, device=x.device).repeat_interleave(x.shape[0])  # (2B,): B zeros, B ones
     v_cond, v_null = model.velocity(torch.cat([x, x]), t, direction=0, null=null).chunk(2)
     return v_null + scale * (v_cond - v_null)
 
 
 def euler(velocity, x, steps, t_start=0.0, t_end=1.0, trace=None):
-    """Integrate dx/dt = velocity(x, t) from t_start to t_end in `steps` equal Euler steps.
-    With t_end < t_start it runs backwards (dt < 0). A list `trace` receives x at every step,
-    the start and the end included (steps + 1 of them)."""
+    """Integrate dx/dt = velocity(x, t) from t_start to t_end in `steps` equal Euler steps, each
+    x <- x + (t1 - t0) velocity(x, t0) with t0 a float, the step's start; x keeps its shape. With t_end <
+    t_start it runs backwards (dt < 0). A list `trace` receives x at every step, start and end included."""
     ts = torch.linspace(t_start, t_end, steps + 1).tolist()
     trace = [] if trace is None else trace
     trace.append(x)

@@ -26,7 +26,6 @@ import torch
 import flowtok as ft
 import data
 
-
 @dataclasses.dataclass
 class BenchConfig:
     preset: str = "auto"          # model sizes and batches of a flowtok.PRESETS entry; auto: gpu on CUDA, else cpu
@@ -47,11 +46,9 @@ class BenchConfig:
     def __post_init__(self):
         ft.check_ranges(self, positive=("tokenizer_batch", "flow_batch", "iters", "budget_minutes"))
 
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 SECTIONS = {"": (BenchConfig, "benchmark"), "tokenizer.": (ft.TokenizerConfig, "image tokenizer"),
             "flow.": (ft.FlowConfig, "text side and flow transformer"), "sample.": (ft.SampleConfig, "sampling")}
-
 
 def timed(fn, iters, dev):
     """Median seconds per call after warm-up (the first calls compile, allocate, autotune)."""
@@ -67,7 +64,6 @@ def timed(fn, iters, dev):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
-
 
 def bench_variant(bc, tokenizer_cfg, flow_cfg, s, compiled, bf16, parts=("tokenizer", "flow", "sampling")):
     """{measurement: (seconds, images/s, FLOP/s or None)} for one variant, of the named parts."""
@@ -124,7 +120,6 @@ def bench_variant(bc, tokenizer_cfg, flow_cfg, s, compiled, bf16, parts=("tokeni
     rows[f"sampling ({s.steps} steps)"] = (dt, 64 / dt, None)
     return rows
 
-
 def train_settings(preset, *args):
     """{section: settings} that train.py runs a preset with, from their one home: train.py itself, asked
     in a subprocess (drivers never import each other)."""
@@ -133,7 +128,6 @@ def train_settings(preset, *args):
     if r.returncode:
         sys.exit(r.stderr.strip().splitlines()[-1])
     return json.loads(r.stdout)
-
 
 def predict(st, peak):
     """A training run on paper, as a markdown table: each stage's FLOPs per step from the models'
@@ -160,7 +154,6 @@ def predict(st, peak):
                      f"{run / (0.5 * peak) / 60:.2f} |")
     return "\n".join(lines)
 
-
 def timing_rows(bc, tokenizer_cfg, flow_cfg, s, variants, peak, parts=("tokenizer", "flow", "sampling")):
     """(variant, measurement, ms, images/s, TFLOP/s, MFU) as strings, one row per measurement."""
     for v in variants:
@@ -168,7 +161,6 @@ def timing_rows(bc, tokenizer_cfg, flow_cfg, s, variants, peak, parts=("tokenize
         for name, (dt, ips, flops) in rows.items():
             yield (v, name, f"{1000 * dt:.1f}", f"{ips:.0f}", f"{flops / 1e12:.2f}" if flops else "-",
                    f"{100 * flops / peak:.1f}%" if (flops and peak) else "-")
-
 
 def report(bc, dev, s, variants, peak, machine):
     """The acceptance run: (c) time the flow step, (a) train the preset end to end in what is left of
@@ -223,7 +215,6 @@ def report(bc, dev, s, variants, peak, machine):
         f.write(table + "\n")
     print(f"\n{table}\n\nwritten to {path}; total {(time.time() - t0) / 60:.1f} min")
 
-
 def check_compile(bc, tokenizer_cfg, flow_cfg, tol=1e-4):
     """A training step of each stage compiled by inductor against eager, from the same weights and the
     same random draws: the loss and every gradient must agree within tol of the largest of them."""
@@ -252,7 +243,6 @@ def check_compile(bc, tokenizer_cfg, flow_cfg, tol=1e-4):
     if worst > tol:
         sys.exit(f"error: the compiled step differs from eager by {worst:.1e} > {tol:g}")
 
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     configs, cli = ft.parse_settings(p, SECTIONS, argv)
@@ -277,7 +267,6 @@ def main(argv=None):
     print("| variant | measurement | ms | images/s | TFLOP/s | MFU |\n|---|---|---|---|---|---|")
     for row in timing_rows(bc, tokenizer_cfg, flow_cfg, s, variants, peak):
         print("| " + " | ".join(row) + " |", flush=True)
-
 
 if __name__ == "__main__":
     main()

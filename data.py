@@ -62,7 +62,6 @@ SEEN_PAIRS = tuple(p for p in ALL_PAIRS if p not in HELD_OUT)
 HELD_OUT_PAIRS = tuple(p for p in ALL_PAIRS if p in HELD_OUT)
 COLOR_NAMES = tuple(COLORS)
 
-
 def inside_shape(shape, dx, dy, r):
     """Which points (offset dx, dy from the box centre, y down) lie in `shape` drawn in a box of
     half-side r. Used both to render (pixels, integer r) and to judge (templates in a unit box)."""
@@ -74,9 +73,7 @@ def inside_shape(shape, dx, dy, r):
         return (dy.abs() < r) & (2 * dx.abs() <= dy + r)    # apex at top-centre, base on the box bottom
     return dx.abs() + dy.abs() <= r                         # diamond: vertices at the box edge midpoints
 
-
 # specs and captions
-
 
 @dataclass(frozen=True)
 class Spec:
@@ -86,10 +83,8 @@ class Spec:
     size: str        # 'small' | 'large', shared by all objects; only the single family's caption states it
     relation: str | None = None  # one of RELATIONS for the relation family, else None
 
-
 def _article(word):
     return "an" if word[0] in "aeiou" else "a"  # every colour word has a regular vowel sound
-
 
 def caption(spec):
     if spec.family == "single":
@@ -101,13 +96,11 @@ def caption(spec):
     color, shape = spec.objects[0]
     return f"{COUNT_WORDS[len(spec.objects)]} {color} {shape}s"
 
-
 _C = "(" + "|".join(COLORS) + ")"
 _S = "(" + "|".join(SHAPES) + ")"
 _SINGLE_RE = re.compile(rf"an? (small|large) {_C} {_S}")
 _RELATION_RE = re.compile(rf"an? {_C} {_S} (" + "|".join(RELATIONS) + rf") an? {_C} {_S}")
 _COUNT_RE = re.compile(rf"(two|three) {_C} {_S}s")
-
 
 def parse_caption(text):
     """Canonical grammar -> Spec, or None. Accepts either article, any case/spacing, a final period."""
@@ -128,7 +121,6 @@ def parse_caption(text):
         return Spec("count", ((color, shape),) * n, "large")
     return None
 
-
 def normalize(spec):
     """Rewrite 'right of'/'below' as 'left of'/'above' with the objects swapped: same picture-meaning."""
     flipped = {"to the right of": "to the left of", "below": "above"}
@@ -137,19 +129,15 @@ def normalize(spec):
         return Spec("relation", (b, a), spec.size, flipped[spec.relation])
     return spec
 
-
 def same_meaning(a, b):
     a, b = normalize(a), normalize(b)
     size_ok = a.size == b.size or a.family != "single"  # only the single family's caption states size
     return (a.family, a.objects, a.relation) == (b.family, b.objects, b.relation) and size_ok
 
-
 def is_held_out(spec):
     return any(pair in HELD_OUT for pair in spec.objects)
 
-
 # sampling specs
-
 
 def _spec_from_uniforms(family, u, pairs_a, pairs_b):
     """Build one spec of `family` from uniforms in [0, 1): u[1..5] pick pair A, pair B, relation,
@@ -165,11 +153,9 @@ def _spec_from_uniforms(family, u, pairs_a, pairs_b):
     pair_b = others[int(u[2] * len(others))]
     return Spec("relation", (pair_a, pair_b), size, RELATIONS[int(u[3] * len(RELATIONS))])
 
-
 # Fixed evaluation prompts: (spec seed, render seed) per split. Every default is chosen on 'val';
 # 'test' is for the final report and the README, never looked at while tuning; 'grid' for pictures.
 EVAL_SEEDS = {"val": (1234, 4321), "test": (2718, 3141), "grid": (7, 7)}
-
 
 def eval_specs(pairs, n_per_family, split="val", hold_out=True):
     """Fixed evaluation prompts of a split, n_per_family per family in FAMILIES order.
@@ -190,9 +176,7 @@ def eval_specs(pairs, n_per_family, split="val", hold_out=True):
             specs.append(spec)
     return specs
 
-
 # the world
-
 
 class ShapesWorld:
     """An endless stream of (image, caption, spec) batches, deterministic for a seed."""
@@ -300,7 +284,6 @@ class ShapesWorld:
     def load_state_dict(self, d):
         self.rng.bit_generator.state = d["rng"]
 
-
 class WorldPool:
     """A fixed sample of the shapes world, encoded once by the frozen tokenizer, for the flow stage.
     On a CPU, rendering and encoding each batch costs a good share of a flow step; a pool of pictures drawn
@@ -329,10 +312,8 @@ class WorldPool:
         m = self.moments[torch.from_numpy(idx).to(self.moments.device)]
         return m[:, 0], m[:, 1], [caption(s) for s in specs], specs
 
-
 # -----------------------------------------------------------------------------
 # 2. The judge
-
 
 def _label_components(cls):
     """4-connected components of equal non-negative class. cls: (B, S, S) int, -1 = not an object pixel.
@@ -354,7 +335,6 @@ def _label_components(cls):
             return lab
         lab = new
 
-
 def _template_iou(comp, area, w, h):
     """IoU of each component with each shape template drawn in the component's bounding box.
     comp: (K, C, C) bool crops whose top-left corner is the box's; area: (K,) the components' pixel
@@ -368,7 +348,6 @@ def _template_iou(comp, area, w, h):
     templates = torch.stack([inside_shape(s, dx, dy, 1.0) & box for s in SHAPES], 1)  # (K, 4, C, C)
     inter = (templates & comp[:, None]).sum((-2, -1))
     return inter / (templates.sum((-2, -1)) + area[:, None] - inter)
-
 
 def find_objects(images):
     """Detect objects by the judging rules. images: (B, 3, S, S) float in [0, 1] or uint8, any device.
@@ -421,13 +400,11 @@ def find_objects(images):
                                bbox=(bx0, by0, bx1, by1)))
     return objects
 
-
 def _relation_holds(a, b, relation):
     """Between bounding-box centres: the right sign along the named axis, and more than across it."""
     axis, sign = RELATION_AXIS[relation]
     d = (a["cx"] - b["cx"], a["cy"] - b["cy"])
     return sign * d[axis] > abs(d[1 - axis])
-
 
 def _judge_one(objs, spec):
     if any(o["shape"] is None for o in objs):
@@ -444,15 +421,12 @@ def _judge_one(objs, spec):
     shapes_ok = (a["shape"], b["shape"]) == (spec.objects[0][1], spec.objects[1][1])
     return shapes_ok and _relation_holds(a, b, spec.relation)
 
-
 def judge_images(images, specs):
     return [_judge_one(objs, spec) for objs, spec in zip(find_objects(images), specs)]
-
 
 def judge_captions(captions, specs):
     parsed = [parse_caption(c) for c in captions]
     return [p is not None and same_meaning(p, s) for p, s in zip(parsed, specs)]
-
 
 def accuracy(oks, specs):
     """Per-family accuracy over the families present, and overall = mean over all items."""
@@ -464,13 +438,11 @@ def accuracy(oks, specs):
     out["overall"] = sum(oks) / len(oks) if len(oks) else 0.0
     return out
 
-
 # judging a trained model
 
 def eval_images(image_size, specs, split, device, soft=False):
     """The fixed ground-truth renders of a split's evaluation specs (soft: see ShapesWorld.render)."""
     return ShapesWorld(image_size, seed=EVAL_SEEDS[split][1], device=device).render(specs, soft=soft)
-
 
 @torch.no_grad()
 def evaluate(tokenizer, model, bpe, s, n, split="val", directions=("t2i", "i2t"), inverse=False, hold_out=True):
@@ -506,7 +478,6 @@ def evaluate(tokenizer, model, bpe, s, n, split="val", directions=("t2i", "i2t")
         res[f"text_roundtrip_{pairs}"] = accuracy([a == b for a, b in zip(dec, prompts)], specs)
     return res
 
-
 @torch.no_grad()
 def evaluate_tokenizer(tokenizer, n, bpe=None, images=None, captions=None, guidance=0.0, split="val",
                        hold_out=True):
@@ -536,7 +507,6 @@ def evaluate_tokenizer(tokenizer, n, bpe=None, images=None, captions=None, guida
             res[f"{name}_{pairs}"] = {**accuracy(judge_images(rec, specs), specs), "psnr": psnr}
     return res
 
-
 def report(res, multiline=False):
     """An evaluation's results as one line (or one line per entry)."""
     parts = []
@@ -545,7 +515,6 @@ def report(res, multiline=False):
             parts.append(f"{name}: " + " ".join(f"{k} {v:.3f}" if k != "psnr" else f"psnr {v:.2f}dB"
                                                 for k, v in acc.items()))
     return ("\n" if multiline else " | ").join(parts)
-
 
 # -----------------------------------------------------------------------------
 # 3. Your own captioned images; picture grids and charts
@@ -560,7 +529,6 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SKIP_REASONS = ("missing file", "unreadable image", "image too small", "no caption", "empty caption",
                 "caption not UTF-8", "bad metadata line")
 MIN_SIDE_FRACTION = 0.25  # a shorter side under image_size/4 would be upscaled over 4x: mostly blur
-
 
 def _open_rgb(path, size):
     """Decode an image as FlowTok's preprocessing sees it: RGB, alpha composited on white, 16/32-bit
@@ -586,7 +554,6 @@ def _open_rgb(path, size):
     except Exception as e:
         raise ValueError(f"{path}: not a readable image ({type(e).__name__})") from None
 
-
 def _resize_crop(im, size):
     """Shorter side resized to size (bicubic), centre crop; no flip: captions say left and right.
     -> uint8 (3, size, size)."""
@@ -597,11 +564,9 @@ def _resize_crop(im, size):
     im = im.crop((left, top, left + size, top + size))
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
 
-
 def load_image(path, size):
     """Any image Pillow opens -> (3, size, size) float in [0, 1], preprocessed as for training."""
     return _resize_crop(_open_rgb(path, size), size).float() / 255
-
 
 def _clean_caption(text):
     """-> (caption, None) or (None, skip reason). Whitespace runs (newlines too) become one space."""
@@ -612,11 +577,9 @@ def _clean_caption(text):
     text = " ".join(text.split())
     return (text, None) if text else (None, "empty caption")
 
-
 def _read_text(path):
     with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         return f.read()
-
 
 def _imagefolder_entries(root, meta):
     """metadata.jsonl / .csv -> {image path: [raw captions]} and skip counts. Several rows naming
@@ -640,7 +603,6 @@ def _imagefolder_entries(root, meta):
         entries.setdefault(os.path.join(root, row["file_name"]), []).append(row["text"])
     return entries, skipped
 
-
 def _txt_entries(root):
     """Images with a same-named .txt beside them, recursively; hidden files and folders ignored."""
     entries, skipped = {}, Counter()
@@ -656,7 +618,6 @@ def _txt_entries(root):
             else:
                 skipped["no caption"] += 1
     return entries, skipped
-
 
 def _coco_entries(ann, image_root):
     """captions_SPLIT.json -> entries. Images are looked for in image_root if given, else beside the
@@ -688,7 +649,6 @@ def _coco_entries(ann, image_root):
             skipped["no caption"] += 1
     return entries, skipped
 
-
 def _find_format(path, image_root):
     """-> (format name, entries, skip counts), or ValueError saying what to give instead."""
     if not os.path.exists(path):
@@ -717,10 +677,8 @@ def _find_format(path, image_root):
     raise ValueError(f"dataset {path}: no metadata.jsonl/metadata.csv, no captions_*.json and no image with a "
                      "same-named .txt caption: put your captions in one of these layouts")
 
-
 def _skip_summary(skipped):
     return ", ".join(f"{skipped[r]} {r}" for r in SKIP_REASONS if skipped[r]) or "nothing"
-
 
 class CaptionedImages:
     """Your (image, caption) pairs with ShapesWorld's interface: batch(n), state_dict(), captions().
@@ -833,14 +791,12 @@ class CaptionedImages:
             return
         self.order, self.pos, self.bad = d["order"].numpy(), d["pos"], list(d["bad"])
 
-
 def open_dataset(path, image_size, seed=0, device="cpu", image_root=None, cache_mb=512):
     """Open your captioned images in whichever layout they are (see the top of this section) and
     print one line: how many pairs are usable, and how many entries were skipped for what."""
     ds = CaptionedImages(path, image_size, seed, device, image_root, cache_mb)
     print(ds.summary)
     return ds
-
 
 class LatentCache:
     """Your dataset encoded once by the frozen tokenizer: every image's posterior mean and log-variance
@@ -886,7 +842,6 @@ class LatentCache:
         m = torch.from_numpy(self.moments[np.array(idx)].astype(np.float32)).to(self.ds.device)  # (n, 2, K, C)
         return m[:, 0], m[:, 1], list(caps), [None] * n
 
-
 def save_grid(images, labels, path, cols=8, cell=128):
     """images (B, 3, S, S) in [0, 1] -> one PNG with each label written under its picture (path
     None: only returned, as a PIL image)."""
@@ -904,18 +859,15 @@ def save_grid(images, labels, path, cols=8, cell=128):
         draw.multiline_text((x + 3, y + cell + 2), wrap(labels[i], 22), fill="black", font=font, spacing=1)
     return save_png(canvas, path)
 
-
 def save_png(img, path):
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         img.save(path)
     return img
 
-
 # matplotlib's "tab10" colours, in its order
 CHART_COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
                 (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
-
 
 def line_chart(series, path=None, title="", xlabel="", ylabel="", ylim=None, logy=False, size=(480, 300)):
     """{name: (xs, ys)} -> a line chart with Pillow alone (no plotting library to install): framed
@@ -954,7 +906,6 @@ def line_chart(series, path=None, title="", xlabel="", ylabel="", ylim=None, log
     d.text(((left + W - right) / 2, H - 4), xlabel, fill="black", font=font, anchor="mb")
     d.text((4, 4), ylabel, fill="black", font=font)
     return save_png(img, path)
-
 
 def wrap(text, width, max_lines=3):
     """Words into lines of at most `width` characters (a longer word stays whole)."""

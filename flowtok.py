@@ -54,14 +54,12 @@ def sincos_1d(n, dim):
     freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     return torch.cat([torch.sin(pos * freq), torch.cos(pos * freq)], dim=1)  # (n, dim)
 
-
 def sincos_2d(grid, dim):
     """Fixed 2-D sin-cos positions for a grid x grid patch layout, (grid*grid, dim).
     Half the channels encode the row, half the column. With only learned 1-D positions the
     tokenizer sits for hundreds of steps at the mean image: the latent learns the colour, not the place."""
     row = sincos_1d(grid, dim // 2)  # (grid, dim/2)
     return torch.cat([row.repeat_interleave(grid, 0), row.repeat(grid, 1)], dim=1)  # (grid*grid, dim)
-
 
 def timestep_embedding(t, dim, max_period=10000.0):
     """Sinusoidal embedding of t (B,) in [0, 1] -> (B, dim) float32: [cos(1000 t f), sin(1000 t f)] with
@@ -72,30 +70,25 @@ def timestep_embedding(t, dim, max_period=10000.0):
     args = 1000.0 * t.float()[:, None] * freq[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
-
 def interpolate(x0, x1, t):
     """The straight path x_t = (1 - t) x0 + t x1: x0, x1 (B, ...) and t (B,), one t per sample -> (B, ...)."""
     t = t.view(-1, *([1] * (x0.dim() - 1)))
     return (1 - t) * x0 + t * x1
 
-
 def target_velocity(x0, x1):
     """d x_t / dt along the straight path, v = x1 - x0 (same shape): constant in t."""
     return x1 - x0
-
 
 def sample_t(n, device, generator=None):
     """Logit-normal t = sigmoid(N(0, 1)), (n,), drawn with `generator`: puts most training on the middle
     of the path, where the velocity is hardest to predict (SD3, FlowTok)."""
     return torch.sigmoid(torch.randn(n, device=device, generator=generator))
 
-
 def gaussian_sample(mean, logvar, generator=None):
     """Reparameterised sample mean + sigma * eps, sigma = exp(logvar / 2), eps ~ N(0, 1) drawn with
     `generator`; shapes and dtype of mean (gradients flow into mean and logvar)."""
     eps = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype, generator=generator)
     return mean + torch.exp(0.5 * logvar) * eps
-
 
 def modulate(x, shift, scale):
     """adaLN: x (B, N, D) * (1 + scale) + shift, with (B, D) modulations broadcast over the N tokens."""
@@ -122,7 +115,6 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, Dh)
         return self.proj(rearrange(y, "b h n d -> b n (h d)"))
 
-
 def use_manual_attention(model, on):
     """Switch every attention layer of `model` between SDPA and the formula written out. Under bf16
     on a CPU, at our short sequences (16-80 tokens), the written-out formula is the faster one:
@@ -131,7 +123,6 @@ def use_manual_attention(model, on):
     for m in model.modules():
         if isinstance(m, Attention):
             m.manual = on
-
 
 class MLP(nn.Module):
     def __init__(self, dim, ratio=4):
@@ -143,7 +134,6 @@ class MLP(nn.Module):
         # exact (erf) GELU: on CPU the tanh approximation is the slower one, on GPU either is cheap
         return self.proj(F.gelu(self.fc(x)))
 
-
 class Block(nn.Module):
     """Pre-norm transformer block, used by the tokenizer and the text encoder/decoder."""
     def __init__(self, dim, n_head):
@@ -154,7 +144,6 @@ class Block(nn.Module):
     def forward(self, x):
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
-
 
 class DiTBlock(nn.Module):
     """DiT block with adaLN-Zero: the conditioning c (time + flags) sets a shift, scale and gate
@@ -174,7 +163,6 @@ class DiTBlock(nn.Module):
         x = x + gate1[:, None] * self.attn(modulate(self.ln1(x), shift1, scale1))
         return x + gate2[:, None] * self.mlp(modulate(self.ln2(x), shift2, scale2))
 
-
 class FinalLayer(nn.Module):
     """adaLN then a linear map back to the C latent channels (zero-initialised)."""
     def __init__(self, dim, out_dim):
@@ -187,7 +175,6 @@ class FinalLayer(nn.Module):
         shift, scale = self.ada(c).chunk(2, dim=1)
         return self.out(modulate(self.ln(x), shift, scale))
 
-
 class TimestepEmbedder(nn.Module):
     """t in [0, 1] -> sinusoid -> MLP -> (B, D)."""
     def __init__(self, dim, freq_dim=256):
@@ -197,7 +184,6 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t):
         return self.mlp(timestep_embedding(t, self.freq_dim))
-
 
 def init_weights(model):
     """All special initialisation of the project lives here.
@@ -223,10 +209,8 @@ def init_weights(model):
             nn.init.zeros_(m.out.weight)
             nn.init.zeros_(m.out.bias)
 
-
 def param_count(module):
     return sum(p.numel() for p in module.parameters())
-
 
 def transformer_flops(tokens, width, depth):
     """Forward matmul FLOPs of `depth` transformer blocks over `tokens` tokens, per sample:
@@ -271,7 +255,6 @@ class TokenizerConfig:
         check_multiple(self, "width", self.n_head, "n_head")
         check_multiple(self, "width", 4, "4")  # sincos_2d: a sin and a cos for the row and for the column
 
-
 def max3x3(x):
     """Maximum over each pixel's 3x3 neighbourhood, as two separable passes of shifted maxima:
     much faster on CPU than F.max_pool2d(x, 3, 1, 1), which it equals."""
@@ -279,13 +262,11 @@ def max3x3(x):
     x = torch.maximum(torch.maximum(x[..., :-2], x[..., 1:-1]), x[..., 2:])
     return torch.maximum(torch.maximum(x[..., :-2, :], x[..., 1:-1, :]), x[..., 2:, :])
 
-
 def edge_mask(img, tol=0.02):
     """1 where a pixel's 3x3 neighbourhood holds more than one colour, else 0: (B, 1, S, S).
     On flat-colour pictures this is a 2-pixel band along every outline, corners included."""
     spread = max3x3(img) + max3x3(-img)  # per-channel max - min
     return (spread.amax(1, keepdim=True) > tol).float()
-
 
 class ImageTokenizer(nn.Module):
     def __init__(self, cfg, vocab_size=0):
@@ -422,7 +403,6 @@ PAD = "<|pad|>"
 # tiktoken stores each downloaded file under sha1(url) in its cache; GPT-2 needs these two.
 GPT2_CACHE_FILES = ("6d1cbeee0f20b3d9449abfede4726ed8212e3aee", "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6")
 
-
 def train_bpe(texts, vocab_size):
     """Byte-level BPE: start from the 256 bytes, repeatedly merge the most frequent adjacent pair.
     Each distinct pre-split word is processed once, weighted by its count, which makes this cheap
@@ -453,11 +433,9 @@ def train_bpe(texts, vocab_size):
             pieces[w] = merged
     return ranks
 
-
 def tiktoken_cache_dir():
     return os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
         os.path.join(tempfile.gettempdir(), "data-gym-cache")
-
 
 class TextTokenizer:
     """Captions <-> (B, K) token ids, padded (or truncated, with one warning) to K tokens.
@@ -543,7 +521,6 @@ class TextEncoder(nn.Module):
         mean, logvar = self.to_moments(x).chunk(2, dim=-1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-
 class TextDecoder(nn.Module):
     def __init__(self, vocab_size, K, C, width, depth, n_head):
         super().__init__()
@@ -557,7 +534,6 @@ class TextDecoder(nn.Module):
         """z (B, K, C) -> logits (B, K, vocab)."""
         return self.head(self.ln(self.blocks(self.latent_in(z) + self.latent_pos)))
 
-
 def clip_loss(a, b, logit_scale):
     """Symmetric InfoNCE between two (B, D) batches, row i of a belongs with row i of b: logits =
     cosine similarities times exp(logit_scale) capped at 100, (B, B); the mean of the cross-entropies
@@ -566,7 +542,6 @@ def clip_loss(a, b, logit_scale):
     logits = logit_scale.exp().clamp(max=100) * a @ b.t()  # (B, B)
     labels = torch.arange(a.shape[0], device=a.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
-
 
 def text_kl(mean, logvar):
     """FlowTok's text-latent KL: -1/2 sum(1 + logvar - (0.3 mean)^6 - var), summed per sample, averaged
@@ -601,9 +576,7 @@ class FlowConfig:
         check_multiple(self, "width", 2, "2")  # sincos_1d: a sin and a cos per frequency
         check_multiple(self, "text_width", TEXT_HEADS, "the text side's heads")
 
-
 TEXT_HEADS = 4  # attention heads of the text encoder and decoder
-
 
 class FlowTransformer(nn.Module):
     """v_theta(x_t, t, null): (B, K, C) -> (B, K, C). Conditioning c = emb(t) + emb(null flag), fed
@@ -626,7 +599,6 @@ class FlowTransformer(nn.Module):
             x = block(x, c)
         return self.final(x, c)  # (B, K, C)
 
-
 def null_roll(x1, prob, generator=None):
     """FlowTok's guidance indicator, x1 (B, K, C) -> (targets, flags (B,) long): flag ~prob of the samples
     (uniform draw < prob, with `generator`); the flagged samples' targets are rolled by one
@@ -640,7 +612,6 @@ def null_roll(x1, prob, generator=None):
     flagged = torch.argsort((~null).long(), stable=True)  # (B,): the flagged positions first, in order
     src = torch.where(null, flagged[(rank - 1) % n.clamp_min(1)], torch.arange(len(null), device=x1.device))
     return x1[src], null.long()
-
 
 class FlowTok(nn.Module):
     """Text encoder + text decoder + two flow transformers (text -> image and image -> text, as
@@ -754,7 +725,6 @@ def guided(model, x, t, scale):
     v_cond, v_null = model.velocity(torch.cat([x, x]), t, direction=0, null=null).chunk(2)
     return v_null + scale * (v_cond - v_null)
 
-
 def euler(velocity, x, steps, t_start=0.0, t_end=1.0, trace=None):
     """Integrate dx/dt = velocity(x, t) from t_start to t_end in `steps` equal Euler steps, each
     x <- x + (t1 - t0) velocity(x, t0) with t0 a float, the step's start; x keeps its shape. With t_end <
@@ -766,7 +736,6 @@ def euler(velocity, x, steps, t_start=0.0, t_end=1.0, trace=None):
         x = x + (t1 - t0) * velocity(x, t0)
         trace.append(x)
     return x
-
 
 # -----------------------------------------------------------------------------
 # Using a trained model: settings, checkpoints, drawing in both directions
@@ -788,7 +757,6 @@ class SampleConfig:
 
     def __post_init__(self):
         check_ranges(self, positive=("steps", "i2t_steps", "candidates"))
-
 
 # Named presets, each a few overrides of the defaults by flag name. 'cpu' is the defaults: a 2-core
 # CPU in about half an hour. train.py picks 'gpu' on CUDA, 'cpu' elsewhere.
@@ -816,7 +784,6 @@ PRESETS = {
              "sample.steps": 2},
 }
 
-
 def parse_settings(parser, sections, argv=None):
     """Settings from the dataclass defaults, then the preset's overrides, then the command line.
     sections: {flag prefix: (dataclass, title)}; one of them has the 'preset' field. Returns
@@ -837,7 +804,6 @@ def parse_settings(parser, sections, argv=None):
         configs[prefix] = build_config(cls, mine, prefix, parser)
     return configs, cli
 
-
 def check_ranges(cfg, positive=(), shares=()):
     """Every number in a config is >= 0; those named in `positive` are >= 1 (whole numbers) or > 0;
     `shares` lie in [0, 1]. A ValueError starting with the field's name otherwise (the command lines
@@ -853,11 +819,9 @@ def check_ranges(cfg, positive=(), shares=()):
         if f.name in shares and v > 1:
             raise ValueError(f"{f.name} is a share, between 0 and 1, not {v}")
 
-
 def check_multiple(cfg, name, of, what):
     if getattr(cfg, name) % of:
         raise ValueError(f"{name} must be a multiple of {what} ({of}), not {getattr(cfg, name)}")
-
 
 def str2bool(s):
     if s.lower() in ("1", "true", "yes", "on"):
@@ -865,7 +829,6 @@ def str2bool(s):
     if s.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
-
 
 def field_help(cls):
     """The comment after each field of a config dataclass, with its continuation lines: its --help."""
@@ -879,7 +842,6 @@ def field_help(cls):
             name = None
     return helps
 
-
 def add_fields(parser, cls, prefix, title):
     """One flag per dataclass field, --prefix.name=value (booleans also bare: --name). Every flag's
     default is None, so what the command line set can be told from what it did not."""
@@ -892,7 +854,6 @@ def add_fields(parser, cls, prefix, title):
                            metavar=kind.__name__, help=helps.get(f.name, "") + auto,
                            **({"nargs": "?", "const": True} if kind is bool else {}))
 
-
 def build_config(cls, values, prefix, parser):
     """cls(**values); a range error names the flag: '--prefix.name must be ...'."""
     try:
@@ -900,12 +861,10 @@ def build_config(cls, values, prefix, parser):
     except ValueError as e:
         parser.error(f"--{prefix}{e}")
 
-
 def pick_device(name="auto"):
     if name != "auto":
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-
 
 @functools.cache
 def cpu_bf16_is_faster():
@@ -922,7 +881,6 @@ def cpu_bf16_is_faster():
             best[dtype] = min(best[dtype], time.perf_counter() - t)
     return best[torch.bfloat16] < 0.5 * best[torch.float32]  # a wide margin, again against noise
 
-
 def mixed_precision(dev, bf16=None, fp16=True):
     """-> (bf16, fp16, autocast context, GradScaler). bf16=None: on where it is faster, i.e. on CUDA
     with bf16 support and on CPUs where cpu_bf16_is_faster. GPUs without bf16 use fp16 (unless
@@ -933,7 +891,6 @@ def mixed_precision(dev, bf16=None, fp16=True):
     ctx = torch.autocast(dev.type, dtype=torch.bfloat16 if bf16 else torch.float16) if (bf16 or fp16) else nullcontext()
     return bf16, fp16, ctx, torch.amp.GradScaler(dev.type, enabled=fp16)
 
-
 def make_optimizer(model, lr, weight_decay, dev):
     """AdamW, decaying only matrices (not biases, norms); the fused kernel on CUDA and on the CPU,
     where it beats plain AdamW's per-tensor loop with the same results."""
@@ -942,10 +899,8 @@ def make_optimizer(model, lr, weight_decay, dev):
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=dev.type in ("cuda", "cpu"))
 
-
 class CheckpointError(Exception):
     pass
-
 
 def save_checkpoint(state, out_dir, name="ckpt.pt"):
     """Write to a temp file, flush it to disk, then rename over the old one: a crash or kill -9 at
@@ -958,7 +913,6 @@ def save_checkpoint(state, out_dir, name="ckpt.pt"):
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
-
 def load_checkpoint(path, device="cpu"):
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}: train first: python train.py")
@@ -968,7 +922,6 @@ def load_checkpoint(path, device="cpu"):
     except Exception as e:
         raise CheckpointError(f"cannot read {path} as a nano FlowTok checkpoint ({type(e).__name__}); "
                               "it is damaged or not one of ours: retrain or pick another --ckpt") from None
-
 
 def saved_config(cls, state, key, path):
     """A config dataclass from a checkpoint; settings this version does not know, or that the
@@ -981,14 +934,12 @@ def saved_config(cls, state, key, path):
                                   f"settings: {', '.join(sorted(keys))}): retrain, or use that version")
     return cls(**d)
 
-
 def tokenizer_from(state, path, device):
     """The image tokenizer of a checkpoint (any stage), in eval mode."""
     vocab = TextTokenizer.from_state_dict(state["bpe"]).vocab_size
     tokenizer = ImageTokenizer(saved_config(TokenizerConfig, state, "tokenizer_cfg", path), vocab).to(device)
     tokenizer.load_state_dict(state["tokenizer"])
     return tokenizer.eval()
-
 
 def load_models(path, device):
     """Checkpoint -> (image tokenizer, EMA flow model, text tokenizer, its sampling settings)."""
@@ -1003,7 +954,6 @@ def load_models(path, device):
     model.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in state["ema"].items()})
     return tokenizer, model.to(device).eval(), bpe, saved_config(SampleConfig, state, "sample_cfg", path)
 
-
 @torch.no_grad()
 def text_to_image(tokenizer, model, bpe, prompts, s, seed=0, batch=256):
     """Captions -> images (B, 3, S, S) in [0, 1], drawn with the sampling settings s."""
@@ -1014,7 +964,6 @@ def text_to_image(tokenizer, model, bpe, prompts, s, seed=0, batch=256):
         ids = bpe.encode(prompts[i:i + batch]).to(dev)
         out.append(tokenizer.images(model.generate(ids, s.steps, s.guidance, s.from_mean, g), ids, s.dec_guidance))
     return torch.cat(out)
-
 
 @torch.no_grad()
 def image_to_text(tokenizer, model, bpe, images, s, inverse=False, batch=256):
@@ -1027,13 +976,11 @@ def image_to_text(tokenizer, model, bpe, images, s, inverse=False, batch=256):
         out += [bpe.decode(x) for x in cands[:, 0]]
     return out
 
-
 def pick_tokens(logits, generator=None):
     """Logits (B, K, vocab) -> ids (B, K): the most likely, or drawn with the generator."""
     if generator is None:
         return logits.argmax(-1)
     return torch.multinomial(logits.softmax(-1).flatten(0, 1), 1, generator=generator).view(logits.shape[:2])
-
 
 @torch.no_grad()
 def caption_candidates(tokenizer, model, img, n, steps=1, inverse=False, generator=None, margin=math.inf):

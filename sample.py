@@ -29,7 +29,6 @@ import torch
 import flowtok as ft
 import data
 
-
 def sweep(tokenizer, model, bpe, s, ckpt_dir, n, split):
     """Text -> image accuracy vs Euler steps x guidance, image -> text accuracy vs steps, and
     accuracy vs training minutes (from evals.jsonl): a table each, and charts of them in ckpt_dir."""
@@ -84,7 +83,6 @@ def sweep(tokenizer, model, bpe, s, ckpt_dir, n, split):
             ("t2i seen", "t2i_seen", "overall"), ("t2i seen single", "t2i_seen", "single"),
             ("t2i held-out", "t2i_heldout", "overall"))}, "training minutes", "text -> image accuracy (val) vs training")
 
-
 def image_files(paths):
     """Files as given, folders expanded to the image files in them (sorted)."""
     out = []
@@ -94,7 +92,6 @@ def image_files(paths):
         else:
             out.append(p)
     return out
-
 
 def load_images(paths, size):
     """Load what loads; a one-line error on stderr for each file that does not. -> (images, their
@@ -108,7 +105,6 @@ def load_images(paths, size):
             print(f"error: {e}", file=sys.stderr)
             failed += 1
     return imgs, loaded, failed
-
 
 @torch.no_grad()
 def reconstruct(tokenizer, paths, dev, out, batch=256):
@@ -129,14 +125,12 @@ def reconstruct(tokenizer, paths, dev, out, batch=256):
     print(f"saved originals and reconstructions to {out}")
     return failed
 
-
 # -----------------------------------------------------------------------------
 # watching the flow: trajectories, interpolation, caption edits
 
 def field(model, s):
     """The velocity text -> image sampling follows: the flow with classifier-free guidance."""
     return lambda x, t: ft.guided(model, x, t, s.guidance)
-
 
 @torch.no_grad()
 def trajectory(tokenizer, model, bpe, s, out, prompts=(), imgs=None, seed=0):
@@ -161,7 +155,6 @@ def trajectory(tokenizer, model, bpe, s, out, prompts=(), imgs=None, seed=0):
     gif[0].save(os.path.splitext(out)[0] + ".gif", save_all=True, append_images=gif[1:], duration=500, loop=0)
     return texts
 
-
 @torch.no_grad()
 def interpolation(tokenizer, model, bpe, s, captions, n, seed=0):
     """--interpolate: n pictures drawn from sources on the way from one caption's text latent to
@@ -178,7 +171,6 @@ def interpolation(tokenizer, model, bpe, s, captions, n, seed=0):
     # Decoded without a caption: a text-aware decoder reading either caption would change the picture too.
     imgs = tokenizer.images(ft.euler(field(model, s), x0, s.steps))
     return imgs, [f"w={x:.2f}" + (f": {captions[round(x)]}" if x in (0, 1) else "") for x in w.view(-1).tolist()]
-
 
 @torch.no_grad()
 def edit(tokenizer, model, bpe, s, imgs, captions):
@@ -199,7 +191,6 @@ def edit(tokenizer, model, bpe, s, imgs, captions):
                              s.dec_guidance)
     return read, drawn[:B], drawn[B:]
 
-
 def edited(spec, kind):
     """A single-object spec with one attribute ('color', 'shape' or 'size') changed to the next value
     round its list that keeps the colour-shape pair a seen one."""
@@ -209,7 +200,6 @@ def edited(spec, kind):
     i = values.index(now[kind])
     new = ({**now, kind: v} for v in values[i + 1:] + values[:i])
     return next(x for n in new if not data.is_held_out(x := data.Spec("single", ((n["color"], n["shape"]),), n["size"])))
-
 
 @torch.no_grad()
 def edit_eval(tokenizer, model, bpe, s, n, split, seed):
@@ -233,7 +223,6 @@ def edit_eval(tokenizer, model, bpe, s, n, split, seed):
             kept = sum(math.hypot(a[0]["cx"] - b["cx"], a[0]["cy"] - b["cy"]) <= near for a, b in objs)
             print(f"| {kind} | {source} | {read_ok:.2f} | {sum(data.judge_images(pics, new)) / n:.2f} | "
                   f"{others / n:.2f} | {kept / n:.2f} |", flush=True)
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Sample from a trained nano FlowTok (text -> image, image -> text).")
@@ -351,7 +340,6 @@ def main(argv=None):
                 print(f"{path}: " + " | ".join(caps[:a.num_samples]))
     if failed:
         sys.exit(1)
-
 
 if __name__ == "__main__":
     main()

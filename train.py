@@ -27,7 +27,6 @@ from PIL import Image
 import flowtok as ft
 import data
 
-
 @dataclasses.dataclass
 class TrainConfig:
     preset: str = "auto"          # auto: 'gpu' on CUDA, 'cpu' otherwise; or one of flowtok.PRESETS
@@ -85,12 +84,10 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
 
-
 SECTIONS = {"": (TrainConfig, "training (presets: " + ", ".join(ft.PRESETS) + ")"),
             "tokenizer.": (ft.TokenizerConfig, "image tokenizer"),
             "flow.": (ft.FlowConfig, "text encoder/decoder and flow transformer"),
             "sample.": (ft.SampleConfig, "sampling, for evaluations and grids (stored in the checkpoint)")}
-
 
 def parse_args(argv=None):
     """-> TrainConfig, TokenizerConfig, FlowConfig, SampleConfig, the command line's own settings."""
@@ -101,7 +98,6 @@ def parse_args(argv=None):
 
 # -----------------------------------------------------------------------------
 # device, precision, compile, DDP: every speed switch is set here, once
-
 
 class Run:
     """What every stage needs to know about where and how it runs."""
@@ -167,7 +163,6 @@ class Run:
             net = DistributedDataParallel(net, device_ids=[self.dev.index] if self.dev.type == "cuda" else None)
         return net
 
-
 def lr_at(step, total, peak, tc):
     """Warm-up, constant, then a linear cool-down over the last `cooldown` fraction of the run."""
     if step < tc.warmup:
@@ -176,7 +171,6 @@ def lr_at(step, total, peak, tc):
     if step >= cool_start:
         return peak * max(0.0, (total - step) / max(1, total - cool_start))
     return peak
-
 
 class Logger:
     """One line per interval: stage, step, losses, ms/step over the interval, images/s, MFU, ETA.
@@ -201,24 +195,20 @@ class Logger:
         self.run.print(f"{self.stage} {step + 1}/{self.total} | {losses} | {1000 * dt:.0f} ms/step | "
                        f"{self.batch / dt:.0f} img/s{mfu} | ETA {int(eta // 60)}:{int(eta % 60):02d}")
 
-
 def rng_state(dev):
     """The random number generators' states, for exact resumption: the CPU's, and on CUDA every GPU's
     (t, the noise and the guidance flags are drawn on the device). Tensors: weights_only loads them."""
     return {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if dev.type == "cuda" else []}
-
 
 def set_rng_state(state, dev):
     torch.set_rng_state(state["rng"])
     if dev.type == "cuda" and state.get("cuda_rng"):  # a CPU checkpoint continued on a GPU has none
         torch.cuda.set_rng_state_all(state["cuda_rng"])
 
-
 def check_finite(loss, stage, step):
     if not torch.isfinite(loss):
         sys.exit(f"error: {stage} loss became {loss.item()} at step {step}; the last good checkpoint is kept. "
                  "Lower the learning rate or turn off bf16 (--bf16=False), then --resume.")
-
 
 def fit(run, tc, stage, model, loss_fn, steps, batch, lr, state, flops_per_sample, on_step=None, on_save=None):
     """The training loop both stages share. loss_fn(net, step) draws a batch and returns (loss, stats).
@@ -279,7 +269,6 @@ def make_world(tc, tokenizer_cfg, run):
     except ValueError as e:
         sys.exit(f"error: {e}")
 
-
 def peek(world, n):
     """n training pairs without advancing the stream (its state is saved and restored), so that
     looking at the data never changes what a resumed run sees."""
@@ -290,7 +279,6 @@ def peek(world, n):
 
 # -----------------------------------------------------------------------------
 # stage 1: the image tokenizer
-
 
 def train_tokenizer(run, tc, tokenizer, bpe, world, state):
     def on_save(step, opt):
@@ -321,7 +309,6 @@ def train_tokenizer(run, tc, tokenizer, bpe, world, state):
 
 # -----------------------------------------------------------------------------
 # stage 2: text encoder/decoder + flow transformer on the frozen tokenizer's latents
-
 
 def train_flow(run, tc, sample_cfg, tokenizer, model, ema, bpe, world, state):
     tokenizer.eval().requires_grad_(False)
@@ -376,7 +363,6 @@ def train_flow(run, tc, sample_cfg, tokenizer, model, ema, bpe, world, state):
     flops = model.flops() + (0 if cache else tokenizer.flops(train=False))
     fit(run, tc, "flow", model, loss_fn, tc.flow_steps, tc.flow_batch, tc.flow_lr, state, flops, on_step, on_save)
 
-
 def grid_prompts(tokenizer, model, bpe, sample_cfg, tc, path, world, n=16):
     """A labelled grid, the generated picture above each prompt: fixed shapes-world prompts (seen
     and held-out), or captions from your data."""
@@ -387,7 +373,6 @@ def grid_prompts(tokenizer, model, bpe, sample_cfg, tc, path, world, n=16):
         prompts = [data.caption(s) for s in specs]
     data.save_grid(ft.text_to_image(tokenizer, model, bpe, prompts, sample_cfg), prompts, path)
 
-
 def check_same_model(cli, state, path):
     """--resume with a model setting that differs from the checkpoint's is a one-line error."""
     saved = {f"{part}.{k}": v for part in ("tokenizer", "flow") for k, v in state.get(f"{part}_cfg", {}).items()}
@@ -395,7 +380,6 @@ def check_same_model(cli, state, path):
         if key in saved and saved[key] != value:
             sys.exit(f"error: {path} was trained with --{key}={saved[key]}, not {value}: "
                      "drop the flag to resume it, or train anew in another --out_dir")
-
 
 def check_ranks_in_sync(run, *models):
     """DDP keeps replicas identical; verify it once at the end (one all-gather of a checksum of
@@ -407,7 +391,6 @@ def check_ranks_in_sync(run, *models):
     same = all(torch.equal(sums[0], x) for x in sums)
     run.print(f"DDP: weights identical on all {run.world_size} ranks: {same}")
 
-
 def text_tokenizer(tc, state, world, length):
     """The checkpoint's text tokenizer, or a new one: a BPE trained on a sample of the training
     captions (seconds), or GPT-2's from tiktoken's cache."""
@@ -418,7 +401,6 @@ def text_tokenizer(tc, state, world, length):
     return ft.TextTokenizer(length, tc.text_tokenizer)
 
 # -----------------------------------------------------------------------------
-
 
 def main(argv=None):
     tc, tokenizer_cfg, flow_cfg, sample_cfg, cli = parse_args(argv)
@@ -496,7 +478,6 @@ def main(argv=None):
         final_report(tc, sample_cfg, tokenizer, ema, bpe, world, t0)
     plot_losses(run, tc.out_dir)
 
-
 def final_report(tc, sample_cfg, tokenizer, ema, bpe, world, t0):
     """The sample grid and the report on the test prompts (never used to choose a setting); for
     your own data, reconstructions and captions of a few of its pictures."""
@@ -516,9 +497,7 @@ def final_report(tc, sample_cfg, tokenizer, ema, bpe, world, t0):
     print("final report (test prompts):\n" + data.report(res, multiline=True))
     print(f"sample grid: {path}\ntotal time {(time.time() - t0) / 60:.1f} min")
 
-
 STAGES = ("tokenizer", "flow")
-
 
 def trim_log(path, stage, step):
     """On resume: drop the log lines of the steps after the checkpoint's, which will run again."""
@@ -527,7 +506,6 @@ def trim_log(path, stage, step):
         with open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows
                          if (STAGES.index(r["stage"]), r["step"]) <= (STAGES.index(stage), step))
-
 
 def plot_losses(run, out_dir):
     """out_dir/losses.png: each stage's logged losses against its steps, one chart per stage, stacked
@@ -544,7 +522,6 @@ def plot_losses(run, out_dir):
         out.paste(c, (0, i * c.height))
     out.save(os.path.join(out_dir, "losses.png"))
     print(f"loss curves: {os.path.join(out_dir, 'losses.png')}")
-
 
 if __name__ == "__main__":
     try:

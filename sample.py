@@ -61,6 +61,15 @@ def sweep(tokenizer, model, bpe, s, ckpt_dir, n, split):
         i2t[steps] = a["overall"]
         print(f"| {steps} | {a['overall']:.3f} | {acc['heldout']['overall']:.3f} | {a['single']:.3f} | "
               f"{a['relation']:.3f} | {a['count']:.3f} |", flush=True)
+    print(f"\nimage -> text exact-caption accuracy vs the check's margin (nats below the likeliest caption), "
+          f"{split} pictures of the world's renderer and of the soft one, {s.i2t_steps} Euler step(s)")
+    print("| check margin | seen | held-out | seen, soft renders | held-out, soft renders |\n|---|---|---|---|---|")
+    for margin in (0.0, 1.0, 2.0, 4.0, 8.0, math.inf):
+        acc = [data.accuracy(data.judge_captions(ft.image_to_text(tokenizer, model, bpe, data.eval_images(
+            tokenizer.cfg.image_size, specs, split, dev, soft), dataclasses.replace(s, check_margin=margin)), specs),
+            specs)["overall"] for soft in (False, True) for specs in (data.eval_specs(p, n, split) for p in ("seen", "heldout"))]
+        print(f"| {margin:g} | " + " | ".join(f"{x:.3f}" for x in acc) + " |", flush=True)
+
     def chart(name, series, xlabel, title):
         data.line_chart(series, os.path.join(ckpt_dir, name), title, xlabel, "accuracy", (0, 1))
         print(f"chart: {os.path.join(ckpt_dir, name)}")
@@ -251,7 +260,7 @@ def main(argv=None):
                    help="judge N single-object caption edits per attribute kind on shapes-world renders")
     p.add_argument("--inverse", action="store_true",
                    help="image -> text by running the text -> image field backwards (a baseline)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto: cuda -> mps -> cpu")
     ft.add_fields(p, ft.SampleConfig, "", "sampling settings (default: the checkpoint's)")
     a = p.parse_args(argv)
     prompts = list(a.prompt)

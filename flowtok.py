@@ -697,7 +697,7 @@ class FlowTok(nn.Module):
     # --- sampling -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, ids, steps=20, guidance=2.0, from_mean=False, generator=None, trace=None):
+    def generate(self, ids, steps, guidance, from_mean=False, generator=None, trace=None):
         """Caption ids (B, K) -> image latents (B, K, C) by Euler integration from t=0 to t=1
         (trace: see euler)."""
         mean, logvar = self.text_encoder(ids)
@@ -705,7 +705,7 @@ class FlowTok(nn.Module):
         return euler(lambda x, t: guided(self, x, t, guidance), x0, steps, trace=trace)
 
     @torch.no_grad()
-    def caption_logits(self, z_img, steps=1, inverse=False):
+    def caption_logits(self, z_img, steps, inverse=False):
         """Image latents (B, K, C) -> the text decoder's logits (B, K, vocab) at the end of the
         image -> text path. inverse integrates the text -> image field backwards from t=1 to t=0
         instead, ignoring the image -> text transformer (a baseline: it reads far worse)."""
@@ -745,7 +745,7 @@ def euler(velocity, x, steps, t_start=0.0, t_end=1.0, trace=None):
 
 @dataclass
 class SampleConfig:
-    steps: int = 20             # Euler steps text -> image (and image -> text with --inverse)
+    steps: int = 8              # Euler steps text -> image (and image -> text with --inverse); chosen on val
     guidance: float = 2.0       # classifier-free guidance on the flow, v_null + s (v_cond - v_null); 1 = none
     dec_guidance: float = 1.0   # text-aware decoder: guidance towards the caption, x_c + s (x_c - x_none); 0 = none
     i2t_steps: int = 1          # Euler steps image -> text: one end point per caption makes its paths straight

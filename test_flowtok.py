@@ -297,7 +297,7 @@ def test_same_seed_same_samples():
     b = model.generate(ids, 4, 2.0, generator=torch.Generator().manual_seed(5))
     c = model.generate(ids, 4, 2.0, generator=torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.allclose(a, c)
-    assert torch.equal(model.generate(ids, 4, from_mean=True), model.generate(ids, 4, from_mean=True))
+    assert torch.equal(model.generate(ids, 4, 2.0, from_mean=True), model.generate(ids, 4, 2.0, from_mean=True))
     z = torch.randn(3, 6, 4)
     read = lambda g=None, **kw: ft.pick_tokens(model.caption_logits(z, 3, **kw), g)
     drawn = [read(torch.Generator().manual_seed(s)) for s in (1, 1, 2)]

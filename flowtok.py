@@ -29,7 +29,6 @@ import functools
 import math
 import re
 import os
-import sys
 import inspect
 import argparse
 import tempfile

@@ -545,7 +545,8 @@ def clip_loss(a, b, logit_scale):
 def text_kl(mean, logvar):
     """FlowTok's text-latent KL: -1/2 sum(1 + logvar - (0.3 mean)^6 - var), summed per sample, averaged
     over the batch: mean, logvar (B, K, C) -> a scalar. The (0.3 mu)^6 term leaves |mu| free up to ~3 while
-    pulling the variance towards 1, so the source keeps real noise (diversity) and a readable mean."""
+    pulling the variance towards 1, so the source keeps real noise (diversity) and a readable mean.
+    FlowTok's code sums over the batch too (a weight ~B times larger); the mean keeps kl_weight batch-free."""
     kl = -0.5 * (1 + logvar - (0.3 * mean).pow(6) - logvar.exp())
     return kl.flatten(1).sum(1).mean()
 

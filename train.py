@@ -100,30 +100,27 @@ def parse_args(argv=None):
 # device, precision, compile, DDP: every speed switch is set here, once
 
 class Run:
-    """What every stage needs to know about where and how it runs."""
+    """Where and how every stage runs."""
     def __init__(self, tc):
-        self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         self.ddp = "RANK" in os.environ  # launched by torchrun
+        self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.master = self.rank == 0
         dev = ft.pick_device(tc.device)
         if self.ddp:
-            import torch.distributed as dist
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+            torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
             if dev.type == "cuda":
                 dev = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
                 torch.cuda.set_device(dev)
-        self.master = self.rank == 0
         self.dev = dev
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
         torch.set_flush_denormal(True)  # CPU: denormal floats made steps several times slower at random
         if dev.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = tc.tf32
-            torch.backends.cudnn.allow_tf32 = tc.tf32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tc.tf32
         self.bf16, self.fp16, self.autocast, self.scaler = ft.mixed_precision(dev, tc.bf16, tc.fp16)
         why = "--bf16, or the resumed run" if tc.bf16 is not None else "CUDA" if dev.type == "cuda" else \
             "measured faster than fp32 on this CPU" if self.bf16 else "not faster than fp32 on this CPU"
         self.compile = dev.type == "cuda" if tc.compile is None else tc.compile
-        # Under CPU bf16 the formula written out beats every SDPA kernel at our sequence lengths
-        # (ft.use_manual_attention says why).
+        # under CPU bf16 the formula written out beats every SDPA kernel here (ft.use_manual_attention says why)
         self.sdpa = "manual" if (tc.sdpa == "auto" and dev.type == "cpu" and self.bf16) else tc.sdpa
         self.peak = (tc.peak_tflops or (989.0 if dev.type == "cuda" else 0.0)) * 1e12
         self.stop = False  # set by Ctrl-C; the loop saves a checkpoint at the next step boundary
@@ -151,7 +148,7 @@ class Run:
             print(*args, flush=True)
 
     def build(self, model):
-        """A new model on the device, with this run's attention kernel (for training and evaluation alike)."""
+        """A new model on the device, with this run's attention (for training and evaluation alike)."""
         ft.use_manual_attention(model, self.sdpa == "manual")
         return model.to(self.dev)
 
@@ -172,32 +169,9 @@ def lr_at(step, total, peak, tc):
         return peak * max(0.0, (total - step) / max(1, total - cool_start))
     return peak
 
-class Logger:
-    """One line per interval: stage, step, losses, ms/step over the interval, images/s, MFU, ETA.
-    The losses also go to `path` (JSON lines), for the loss curves drawn at the end."""
-    def __init__(self, run, stage, total, batch, flops_per_step, start_step, path):
-        self.run, self.stage, self.total, self.batch, self.flops = run, stage, total, batch, flops_per_step
-        self.path = path
-        self.t_start = self.t_last = time.time()
-        self.step_start = self.step_last = start_step
-
-    def line(self, step, stats):
-        now = time.time()
-        dt = (now - self.t_last) / max(1, step + 1 - self.step_last)
-        eta = (now - self.t_start) / max(1, step + 1 - self.step_start) * (self.total - step - 1)
-        self.t_last, self.step_last = now, step + 1
-        stats = {k: v.item() for k, v in stats.items()}  # .item() syncs: log time only
-        losses = " ".join(f"{k} {v:.4f}" for k, v in stats.items())
-        if self.run.master:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"stage": self.stage, "step": step + 1, **stats}) + "\n")
-        mfu = f" | mfu {100 * self.flops / dt / self.run.peak:.1f}%" if self.run.peak else ""
-        self.run.print(f"{self.stage} {step + 1}/{self.total} | {losses} | {1000 * dt:.0f} ms/step | "
-                       f"{self.batch / dt:.0f} img/s{mfu} | ETA {int(eta // 60)}:{int(eta % 60):02d}")
-
 def rng_state(dev):
-    """The random number generators' states, for exact resumption: the CPU's, and on CUDA every GPU's
-    (t, the noise and the guidance flags are drawn on the device). Tensors: weights_only loads them."""
+    """The random generators' states for an exact resume: the CPU's, and on CUDA every GPU's (t, the
+    noise and the guidance flags are drawn on the device). Tensors: weights_only loads them."""
     return {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if dev.type == "cuda" else []}
 
 def set_rng_state(state, dev):
@@ -205,37 +179,31 @@ def set_rng_state(state, dev):
     if dev.type == "cuda" and state.get("cuda_rng"):  # a CPU checkpoint continued on a GPU has none
         torch.cuda.set_rng_state_all(state["cuda_rng"])
 
-def check_finite(loss, stage, step):
-    if not torch.isfinite(loss):
-        sys.exit(f"error: {stage} loss became {loss.item()} at step {step}; the last good checkpoint is kept. "
-                 "Lower the learning rate or turn off bf16 (--bf16=False), then --resume.")
-
-def fit(run, tc, stage, model, loss_fn, steps, batch, lr, state, flops_per_sample, on_step=None, on_save=None):
-    """The training loop both stages share. loss_fn(net, step) draws a batch and returns (loss, stats).
-    on_step(step) runs after each optimizer step (EMA); on_save(step, opt) every eval_interval
-    steps and at the end (checkpoint, evaluation). Resumes from `state` when it is this stage's."""
+def fit(run, tc, stage, model, loss_fn, steps, batch, lr, flops_per_sample, state, world, weights,
+        on_step=None, on_eval=None):
+    """The loop both stages share: loss_fn(net) draws a batch -> (loss, stats); on_step(step) runs after each
+    step (EMA); every eval_interval steps and at the end, rank 0 saves weights() and the loop's state, then
+    calls on_eval(step, t_start)."""
     opt = ft.make_optimizer(model, lr, tc.weight_decay, run.dev)
-    step = 0
+    step, t_start = 0, time.time() - state.get(f"{stage}_seconds", 0.0)  # the stage's clock runs on over resumes
     if state.get("stage") == stage and state.get("optimizer"):
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         set_rng_state(state, run.dev)  # here, after every model was built: init draws from it too
     net = run.wrap(model)
-    accum = tc.grad_accum
+    accum, effective = tc.grad_accum, batch * tc.grad_accum * run.world_size
     run.print(f"{stage}: {steps} steps, effective batch {batch} x {accum} accumulation x {run.world_size} ranks "
-              f"= {batch * accum * run.world_size}")
-    log = Logger(run, stage, steps, batch * accum * run.world_size, flops_per_sample * batch * accum, step,
-                 os.path.join(tc.out_dir, "log.jsonl"))
+              f"= {effective}")
+    started = last = (time.time(), step)  # ETA: this session's pace; ms/step: each log interval's
     signal.signal(signal.SIGINT, run.interrupt)
     while step < steps and not run.stop:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, tc)
         for micro in range(accum):
             # under DDP, all-reduce the gradients only on the last micro-step
-            sync = nullcontext() if (not run.ddp or micro == accum - 1) else net.no_sync()
-            with sync:
+            with nullcontext() if (not run.ddp or micro == accum - 1) else net.no_sync():
                 with run.autocast, run.attention():
-                    loss, stats = loss_fn(net, step)
+                    loss, stats = loss_fn(net)
                 run.scaler.scale(loss / accum).backward()
         run.scaler.unscale_(opt)
         # foreach: one kernel over all tensors (the CPU's default is a per-tensor loop)
@@ -247,21 +215,37 @@ def fit(run, tc, stage, model, loss_fn, steps, batch, lr, state, flops_per_sampl
             on_step(step)
         step += 1
         logging = step % tc.log_interval == 0 or step == steps
-        saving = (step % tc.eval_interval == 0 or step == steps or run.stop) and on_save
-        if logging or saving:  # checking the loss syncs a GPU: only here, and always before a save
-            check_finite(loss, stage, step)
-        if logging:
-            log.line(step - 1, {"loss": loss, **stats})
-        if saving:
-            on_save(step, opt)
+        saving = step % tc.eval_interval == 0 or step == steps or run.stop
+        if (logging or saving) and not torch.isfinite(loss):  # a GPU sync: only here, and always before a save
+            sys.exit(f"error: {stage} loss became {loss.item()} at step {step}; the last good checkpoint is kept. "
+                     "Lower the learning rate or turn off bf16 (--bf16=False), then --resume.")
+        if logging:  # one line: losses, ms/step, images/s, MFU, ETA; the losses also to log.jsonl (for losses.png)
+            now = time.time()
+            stats = {k: v.item() for k, v in {"loss": loss, **stats}.items()}  # .item() syncs: log time only
+            dt = (now - last[0]) / max(1, step - last[1])
+            eta = (now - started[0]) / max(1, step - started[1]) * (steps - step)
+            last = (now, step)
+            if run.master:
+                with open(os.path.join(tc.out_dir, "log.jsonl"), "a") as f:
+                    f.write(json.dumps({"stage": stage, "step": step, **stats}) + "\n")
+            losses = " ".join(f"{k} {v:.4f}" for k, v in stats.items())
+            mfu = f" | mfu {100 * flops_per_sample * batch * accum / dt / run.peak:.1f}%" if run.peak else ""
+            run.print(f"{stage} {step}/{steps} | {losses} | {1000 * dt:.0f} ms/step | {effective / dt:.0f} img/s{mfu} "
+                      f"| ETA {int(eta // 60)}:{int(eta % 60):02d}")
+        if saving and run.master:
+            state.update(stage=stage, step=step, **weights(), optimizer=opt.state_dict(), world=world.state_dict(),
+                         **rng_state(run.dev), **{f"{stage}_seconds": time.time() - t_start})
+            ft.save_checkpoint(state, tc.out_dir)
+            if on_eval and not run.stop:  # Ctrl-C: saved, nothing more
+                on_eval(step, t_start)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if run.stop:
         run.print(f"interrupted: checkpoint saved at {stage} step {step}; continue with --resume")
         sys.exit(130)
+    state[f"{stage}_seconds"] = time.time() - t_start
 
 def make_world(tc, tokenizer_cfg, run):
-    """The training stream: the shapes world, or your captioned images (--data). Each DDP rank draws
-    its own data (a stream sharded by seed)."""
+    """The training stream: the shapes world or --data, each DDP rank its own (seeded by rank)."""
     if not tc.data:
         return data.ShapesWorld(tokenizer_cfg.image_size, hold_out=tc.hold_out, seed=tc.seed + run.rank, device=run.dev)
     try:
@@ -270,8 +254,7 @@ def make_world(tc, tokenizer_cfg, run):
         sys.exit(f"error: {e}")
 
 def peek(world, n):
-    """n training pairs without advancing the stream (its state is saved and restored), so that
-    looking at the data never changes what a resumed run sees."""
+    """n training pairs without advancing the stream, so that looking never changes what a resumed run sees."""
     saved = world.state_dict()
     batch = world.batch(n)
     world.load_state_dict(saved)
@@ -281,21 +264,12 @@ def peek(world, n):
 # stage 1: the image tokenizer
 
 def train_tokenizer(run, tc, tokenizer, bpe, world, state):
-    def on_save(step, opt):
-        if run.master:
-            state.update(stage="tokenizer", step=step, tokenizer=tokenizer.state_dict(), optimizer=opt.state_dict(),
-                         world=world.state_dict(), **rng_state(run.dev),
-                         tokenizer_seconds=time.time() - t_start)
-            ft.save_checkpoint(state, tc.out_dir)
-
-    def loss_fn(net, step):
+    def loss_fn(net):
         img, captions, _ = world.batch(tc.tokenizer_batch)
         return net(img, bpe.encode(captions).to(run.dev, non_blocking=True))
 
-    t_start = time.time() - state.get("tokenizer_seconds", 0.0)
-    fit(run, tc, "tokenizer", tokenizer, loss_fn, tc.tokenizer_steps, tc.tokenizer_batch, tc.tokenizer_lr, state,
-        tokenizer.flops(), on_save=on_save)
-    state["tokenizer_seconds"] = time.time() - t_start
+    fit(run, tc, "tokenizer", tokenizer, loss_fn, tc.tokenizer_steps, tc.tokenizer_batch, tc.tokenizer_lr,
+        tokenizer.flops(), state, world, lambda: {"tokenizer": tokenizer.state_dict()})
     # after training: scale latents to unit std for the flow (rank 0's factor for every rank)
     scale = tokenizer.fit_scale([peek(world, 512)[0]])
     if run.ddp:
@@ -312,8 +286,6 @@ def train_tokenizer(run, tc, tokenizer, bpe, world, state):
 
 def train_flow(run, tc, sample_cfg, tokenizer, model, ema, bpe, world, state):
     tokenizer.eval().requires_grad_(False)
-    t_start = time.time() - state.get("flow_seconds", 0.0)
-
     cache = None
     if tc.latent_cache:
         cache = data.LatentCache(world, os.path.join(tc.out_dir, "latents.npy"), tokenizer)
@@ -321,7 +293,7 @@ def train_flow(run, tc, sample_cfg, tokenizer, model, ema, bpe, world, state):
         with run.autocast:  # the pool's seed lies past every rank's own stream (seed + rank)
             cache = data.WorldPool(world, tokenizer, tc.latent_pool, seed=tc.seed + run.world_size + run.rank)
 
-    def loss_fn(net, step):
+    def loss_fn(net):
         if cache:  # pre-tokenized: re-sample the stored posterior
             mean, logvar, captions, specs = cache.batch(tc.flow_batch)
             z_img = ft.gaussian_sample(mean, logvar) * tokenizer.scale_factor
@@ -331,41 +303,31 @@ def train_flow(run, tc, sample_cfg, tokenizer, model, ema, bpe, world, state):
         ids = bpe.encode(captions).to(run.dev, non_blocking=True)
         # image -> text lands on one phrasing per picture: the relation stated left/above-wise
         i2t = [data.caption(data.normalize(s)) if s else c for s, c in zip(specs, captions)]
-        ids_i2t = bpe.encode(i2t).to(run.dev, non_blocking=True)
-        return net(ids, z_img, ids_i2t)
+        return net(ids, z_img, bpe.encode(i2t).to(run.dev, non_blocking=True))
 
-    def on_step(step):
-        # EMA with a warm-up of its decay, so a short run's EMA is not stuck near the init
+    def ema_step(step):  # a warmed-up decay, so that a short run's EMA is not stuck near the init
         decay = min(tc.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
-    def on_save(step, opt):
-        if not run.master:
-            return
-        state.update(stage="flow", step=step, flow=model.state_dict(), ema=ema.state_dict(),
-                     optimizer=opt.state_dict(), world=world.state_dict(), **rng_state(run.dev),
-                     flow_seconds=time.time() - t_start)
-        ft.save_checkpoint(state, tc.out_dir)
-        if run.stop:  # Ctrl-C: saved, nothing more
-            return
+    def evaluate(step, t_start):
         grid_prompts(tokenizer, ema, bpe, sample_cfg, tc, os.path.join(tc.out_dir, f"samples_{step:06d}.png"), world)
         if tc.data:  # the judge only knows the shapes world
             return
         res = data.evaluate(tokenizer, ema, bpe, sample_cfg, tc.eval_prompts, "val", ("t2i",), hold_out=tc.hold_out)
-        res.update(step=step, minutes=(time.time() - t_start) / 60, total_minutes=(
-            time.time() - t_start + state.get("tokenizer_seconds", 0.0)) / 60)
+        seconds = time.time() - t_start
+        res.update(step=step, minutes=seconds / 60, total_minutes=(seconds + state.get("tokenizer_seconds", 0.0)) / 60)
         with open(os.path.join(tc.out_dir, "evals.jsonl"), "a") as f:
             f.write(json.dumps(res) + "\n")
         run.print(f"eval @ {step} ({res['minutes']:.1f} flow min, validation): " + data.report(res))
 
     # + encoding pictures with the frozen tokenizer, unless they come encoded
     flops = model.flops() + (0 if cache else tokenizer.flops(train=False))
-    fit(run, tc, "flow", model, loss_fn, tc.flow_steps, tc.flow_batch, tc.flow_lr, state, flops, on_step, on_save)
+    fit(run, tc, "flow", model, loss_fn, tc.flow_steps, tc.flow_batch, tc.flow_lr, flops, state, world,
+        lambda: {"flow": model.state_dict(), "ema": ema.state_dict()}, ema_step, evaluate)
 
 def grid_prompts(tokenizer, model, bpe, sample_cfg, tc, path, world, n=16):
-    """A labelled grid, the generated picture above each prompt: fixed shapes-world prompts (seen
-    and held-out), or captions from your data."""
+    """A grid of samples: fixed shapes-world prompts (seen and held-out), or your data's captions."""
     if tc.data:
         prompts = peek(world, n)[1]
     else:
@@ -382,23 +344,11 @@ def check_same_model(cli, state, path):
                      "drop the flag to resume it, or train anew in another --out_dir")
 
 def check_ranks_in_sync(run, *models):
-    """DDP keeps replicas identical; verify it once at the end (one all-gather of a checksum of
-    every weight and buffer)."""
-    import torch.distributed as dist
+    """DDP keeps replicas identical; verify it once at the end (an all-gather of weight checksums)."""
     flat = torch.cat([v.detach().flatten().double() for m in models for v in m.state_dict().values()])
     sums = [torch.zeros(2, dtype=torch.float64, device=flat.device) for _ in range(run.world_size)]
-    dist.all_gather(sums, torch.stack([flat.sum(), flat.pow(2).sum()]))
-    same = all(torch.equal(sums[0], x) for x in sums)
-    run.print(f"DDP: weights identical on all {run.world_size} ranks: {same}")
-
-def text_tokenizer(tc, state, world, length):
-    """The checkpoint's text tokenizer, or a new one: a BPE trained on a sample of the training
-    captions (seconds), or GPT-2's from tiktoken's cache."""
-    if state.get("bpe"):
-        return ft.TextTokenizer.from_state_dict(state["bpe"])
-    if tc.text_tokenizer == "bpe":
-        return ft.TextTokenizer.train(world.captions(), length, tc.bpe_vocab)
-    return ft.TextTokenizer(length, tc.text_tokenizer)
+    torch.distributed.all_gather(sums, torch.stack([flat.sum(), flat.pow(2).sum()]))
+    run.print(f"DDP: weights identical on all {run.world_size} ranks: {all(torch.equal(sums[0], x) for x in sums)}")
 
 # -----------------------------------------------------------------------------
 
@@ -425,9 +375,8 @@ def main(argv=None):
         if state.get("flow_cfg"):
             flow_cfg = ft.saved_config(ft.FlowConfig, state, "flow_cfg", path)
         if state.get("sample_cfg"):  # the checkpoint's sampling settings, unless the command line sets them
-            saved = ft.saved_config(ft.SampleConfig, state, "sample_cfg", path)
-            sample_cfg = dataclasses.replace(saved, **{k[len("sample."):]: v for k, v in cli.items()
-                                                       if k.startswith("sample.")})
+            flags = {k[len("sample."):]: v for k, v in cli.items() if k.startswith("sample.")}
+            sample_cfg = dataclasses.replace(ft.saved_config(ft.SampleConfig, state, "sample_cfg", path), **flags)
         run.print(f"resuming from {path}: stage {state['stage']}, step {state['step']}")
         if run.master:
             trim_log(os.path.join(tc.out_dir, "log.jsonl"), state["stage"], state["step"])
@@ -439,8 +388,14 @@ def main(argv=None):
     elif state.get("world"):  # e.g. a tokenizer trained on the shapes world, continued on your images
         run.print(f"note: the checkpoint was trained on {state.get('data') or 'the shapes world'}; "
                   f"continuing on {tc.data or 'the shapes world'} from the start of its data order")
-    # the text tokenizer first: the image tokenizer's decoder reads captions too
-    bpe = text_tokenizer(tc, state, world, tokenizer_cfg.num_tokens)
+    # The text tokenizer first (the image tokenizer's decoder reads captions too): the checkpoint's,
+    # or a BPE trained on a sample of the training captions (seconds), or GPT-2's from tiktoken's cache.
+    if state.get("bpe"):
+        bpe = ft.TextTokenizer.from_state_dict(state["bpe"])
+    elif tc.text_tokenizer == "bpe":
+        bpe = ft.TextTokenizer.train(world.captions(), tokenizer_cfg.num_tokens, tc.bpe_vocab)
+    else:
+        bpe = ft.TextTokenizer(tokenizer_cfg.num_tokens, tc.text_tokenizer)
     tokenizer = run.build(ft.ImageTokenizer(tokenizer_cfg, bpe.vocab_size))
     run.print(f"image tokenizer: {ft.param_count(tokenizer) / 1e6:.2f}M parameters, "
               f"{tokenizer_cfg.num_tokens} x {tokenizer_cfg.token_dim} latent")
@@ -479,8 +434,8 @@ def main(argv=None):
     plot_losses(run, tc.out_dir)
 
 def final_report(tc, sample_cfg, tokenizer, ema, bpe, world, t0):
-    """The sample grid and the report on the test prompts (never used to choose a setting); for
-    your own data, reconstructions and captions of a few of its pictures."""
+    """The sample grid and the report on the test prompts (never used to choose a setting); on --data, a few
+    pictures' reconstructions and captions."""
     path = os.path.join(tc.out_dir, "samples_final.png")
     grid_prompts(tokenizer, ema, bpe, sample_cfg, tc, path, world)
     if tc.data:  # no judge for free text
@@ -508,8 +463,7 @@ def trim_log(path, stage, step):
                          if (STAGES.index(r["stage"]), r["step"]) <= (STAGES.index(stage), step))
 
 def plot_losses(run, out_dir):
-    """out_dir/losses.png: each stage's logged losses against its steps, one chart per stage, stacked
-    (log scale: the terms differ by orders of magnitude)."""
+    """out_dir/losses.png: a chart per stage of its logged losses (log scale: they differ by orders of magnitude)."""
     path = os.path.join(out_dir, "log.jsonl")
     if not (run.master and os.path.exists(path)):
         return

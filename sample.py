@@ -13,7 +13,7 @@ Sample from a trained nano FlowTok.
     python sample.py --image pic.png --edit "a small blue circle"  # read the caption, draw it edited
     python sample.py --edit_eval 100         # judge caption edits of shapes-world renders (test prompts)
 
-The sampling settings default to the ones stored in the checkpoint; their flags override them.
+The sampling settings default to the checkpoint's; their flags override them.
 """
 
 import os
@@ -29,97 +29,95 @@ import torch
 import flowtok as ft
 import data
 
+def table(title, *columns):
+    """A markdown table's title and header; row() prints its rows."""
+    print(f"{title}\n| {' | '.join(columns)} |\n" + "|---" * len(columns) + "|")
+
+def row(*cells):
+    print("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in cells) + " |", flush=True)
+
 def sweep(tokenizer, model, bpe, s, ckpt_dir, n, split):
-    """Text -> image accuracy vs Euler steps x guidance, image -> text accuracy vs steps, and
-    accuracy vs training minutes (from evals.jsonl): a table each, and charts of them in ckpt_dir."""
-    print(f"text -> image judge accuracy, {split} prompts, {n} per family and split, source: "
-          f"{'text-latent mean' if s.from_mean else 'text-latent sample'}")
-    print("| steps | guidance | seen overall | held-out overall | seen single | seen relation | seen count |")
-    print("|---|---|---|---|---|---|---|")
-    all_steps, guidances, t2i, i2t = (1, 2, 4, 8, 20), (1.0, 2.0, 3.0), {}, {}
+    """Text -> image accuracy vs Euler steps x guidance, image -> text accuracy vs steps and vs the
+    check's margin, and accuracy vs training minutes (from evals.jsonl): tables, and charts in ckpt_dir."""
+    dev, all_steps, guidances, t2i, i2t = tokenizer.scale_factor.device, (1, 2, 4, 8, 20), (1.0, 2.0, 3.0), {}, {}
+    seen = ("seen overall", "held-out overall", "seen single", "seen relation", "seen count")
+    table(f"text -> image judge accuracy, {split} prompts, {n} per family and split, source: "
+          f"{'text-latent mean' if s.from_mean else 'text-latent sample'}", "steps", "guidance", *seen)
     for steps in all_steps:
         for guidance in guidances:
             r = data.evaluate(tokenizer, model, bpe, dataclasses.replace(s, steps=steps, guidance=guidance), n,
                               split, directions=("t2i",))
-            a, h = r["t2i_seen"], r["t2i_heldout"]
+            a = r["t2i_seen"]
             t2i[steps, guidance] = a["overall"]
-            print(f"| {steps} | {guidance:g} | {a['overall']:.3f} | {h['overall']:.3f} | {a['single']:.3f} | "
-                  f"{a['relation']:.3f} | {a['count']:.3f} |", flush=True)
-    print(f"\nimage -> text exact-caption accuracy vs Euler steps, {split} pictures, {n} per family and split, "
-          f"best of {s.candidates} candidate captions")
-    print("| steps | seen overall | held-out overall | seen single | seen relation | seen count |")
-    print("|---|---|---|---|---|---|")
-    dev = tokenizer.scale_factor.device
-    for steps in all_steps:
+            row(steps, f"{guidance:g}", a["overall"], r["t2i_heldout"]["overall"], a["single"], a["relation"],
+                a["count"])
+
+    def i2t_accuracy(s, soft=False):  # {seen, heldout: accuracy} of the captions read from the split's renders
         acc = {}
         for pairs in ("seen", "heldout"):
             specs = data.eval_specs(pairs, n, split)
-            caps = ft.image_to_text(tokenizer, model, bpe, data.eval_images(tokenizer.cfg.image_size, specs, split, dev),
-                                    dataclasses.replace(s, i2t_steps=steps))
-            acc[pairs] = data.accuracy(data.judge_captions(caps, specs), specs)
+            imgs = data.eval_images(tokenizer.cfg.image_size, specs, split, dev, soft)
+            acc[pairs] = data.accuracy(data.judge_captions(ft.image_to_text(tokenizer, model, bpe, imgs, s), specs),
+                                       specs)
+        return acc
+
+    table(f"\nimage -> text exact-caption accuracy vs Euler steps, {split} pictures, {n} per family and split, "
+          f"best of {s.candidates} candidate captions", "steps", *seen)
+    for steps in all_steps:
+        acc = i2t_accuracy(dataclasses.replace(s, i2t_steps=steps))
         a = acc["seen"]
         i2t[steps] = a["overall"]
-        print(f"| {steps} | {a['overall']:.3f} | {acc['heldout']['overall']:.3f} | {a['single']:.3f} | "
-              f"{a['relation']:.3f} | {a['count']:.3f} |", flush=True)
-    print(f"\nimage -> text exact-caption accuracy vs the check's margin (nats below the likeliest caption), "
-          f"{split} pictures of the world's renderer and of the soft one, {s.i2t_steps} Euler step(s)")
-    print("| check margin | seen | held-out | seen, soft renders | held-out, soft renders |\n|---|---|---|---|---|")
+        row(steps, a["overall"], acc["heldout"]["overall"], a["single"], a["relation"], a["count"])
+    table(f"\nimage -> text exact-caption accuracy vs the check's margin (nats below the likeliest caption), "
+          f"{split} pictures of the world's renderer and of the soft one, {s.i2t_steps} Euler step(s)",
+          "check margin", "seen", "held-out", "seen, soft renders", "held-out, soft renders")
     for margin in (0.0, 1.0, 2.0, 4.0, 8.0, math.inf):
-        acc = [data.accuracy(data.judge_captions(ft.image_to_text(tokenizer, model, bpe, data.eval_images(
-            tokenizer.cfg.image_size, specs, split, dev, soft), dataclasses.replace(s, check_margin=margin)), specs),
-            specs)["overall"] for soft in (False, True) for specs in (data.eval_specs(p, n, split) for p in ("seen", "heldout"))]
-        print(f"| {margin:g} | " + " | ".join(f"{x:.3f}" for x in acc) + " |", flush=True)
+        accs = [i2t_accuracy(dataclasses.replace(s, check_margin=margin), soft) for soft in (False, True)]
+        row(f"{margin:g}", *(acc[pairs]["overall"] for acc in accs for pairs in ("seen", "heldout")))
 
     def chart(name, series, xlabel, title):
         data.line_chart(series, os.path.join(ckpt_dir, name), title, xlabel, "accuracy", (0, 1))
         print(f"chart: {os.path.join(ckpt_dir, name)}")
-    chart("sweep_steps.png", {**{f"t2i, guidance {g:g}": (all_steps, [t2i[st, g] for st in all_steps]) for g in guidances},
-                              "i2t": (all_steps, [i2t[st] for st in all_steps])},
+    chart("sweep_steps.png", {**{f"t2i, guidance {g:g}": (all_steps, [t2i[st, g] for st in all_steps])
+                                 for g in guidances}, "i2t": (all_steps, [i2t[st] for st in all_steps])},
           "Euler steps", f"accuracy vs Euler steps ({split}, seen)")
     chart("sweep_guidance.png", {f"t2i, {st} steps": (guidances, [t2i[st, g] for g in guidances]) for st in all_steps},
           "guidance scale", f"text -> image accuracy vs guidance ({split}, seen)")
     path = os.path.join(ckpt_dir, "evals.jsonl")
     if os.path.exists(path):
-        print("\naccuracy vs training minutes (periodic evaluations logged by train.py, validation prompts)")
-        print("| flow step | flow minutes | total minutes | seen overall | seen single | held-out overall |")
-        print("|---|---|---|---|---|---|")
+        table("\naccuracy vs training minutes (periodic evaluations logged by train.py, validation prompts)",
+              "flow step", "flow minutes", "total minutes", "seen overall", "seen single", "held-out overall")
         rows = [json.loads(line) for line in open(path)]
         for r in rows:
-            print(f"| {r['step']} | {r['minutes']:.1f} | {r.get('total_minutes', float('nan')):.1f} | "
-                  f"{r['t2i_seen']['overall']:.3f} | {r['t2i_seen']['single']:.3f} | {r['t2i_heldout']['overall']:.3f} |")
+            row(r["step"], f"{r['minutes']:.1f}", f"{r.get('total_minutes', float('nan')):.1f}",
+                r["t2i_seen"]["overall"], r["t2i_seen"]["single"], r["t2i_heldout"]["overall"])
         minutes = [r.get("total_minutes", r["minutes"]) for r in rows]
         chart("accuracy_vs_minutes.png", {name: (minutes, [r[key][part] for r in rows]) for name, key, part in (
             ("t2i seen", "t2i_seen", "overall"), ("t2i seen single", "t2i_seen", "single"),
-            ("t2i held-out", "t2i_heldout", "overall"))}, "training minutes", "text -> image accuracy (val) vs training")
-
-def image_files(paths):
-    """Files as given, folders expanded to the image files in them (sorted)."""
-    out = []
-    for p in paths:
-        if os.path.isdir(p):
-            out += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(data.IMAGE_EXTS))
-        else:
-            out.append(p)
-    return out
+            ("t2i held-out", "t2i_heldout", "overall"))}, "training minutes",
+              "text -> image accuracy (val) vs training")
 
 def load_images(paths, size):
-    """Load what loads; a one-line error on stderr for each file that does not. -> (images, their
-    paths, number failed)."""
-    imgs, loaded, failed = [], [], 0
-    for path in paths:
+    """Files, and folders' image files (sorted). Loads what loads; a one-line error on stderr for each
+    file that does not. -> (images, their paths, number failed)."""
+    files = []
+    for p in paths:
+        files += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(data.IMAGE_EXTS)) \
+            if os.path.isdir(p) else [p]
+    imgs, loaded = [], []
+    for path in files:
         try:
             imgs.append(data.load_image(path, size))
             loaded.append(path)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
-            failed += 1
-    return imgs, loaded, failed
+    return imgs, loaded, len(files) - len(loaded)
 
 @torch.no_grad()
 def reconstruct(tokenizer, paths, dev, out, batch=256):
     """--recon: the tokenizer's round trip on image files or folders: mean PSNR over all of them, and
     a grid of the first 8 with each reconstruction under its original."""
-    imgs, loaded, failed = load_images(image_files(paths), tokenizer.cfg.image_size)
+    imgs, loaded, failed = load_images(paths, tokenizer.cfg.image_size)
     if not imgs:
         sys.exit("error: no image could be read from --recon")
     imgs = torch.stack(imgs).to(dev)
@@ -130,16 +128,12 @@ def reconstruct(tokenizer, paths, dev, out, batch=256):
     n = min(8, len(imgs))
     rec = tokenizer.decode(tokenizer.encode(imgs[:n])[0]).clamp(0, 1)
     data.save_grid(torch.cat([imgs[:n], rec]), [os.path.basename(p) for p in loaded[:n]] + ["reconstruction"] * n,
-              out, cols=n)
+                   out, cols=n)
     print(f"saved originals and reconstructions to {out}")
     return failed
 
 # -----------------------------------------------------------------------------
 # watching the flow: trajectories, interpolation, caption edits
-
-def field(model, s):
-    """The velocity text -> image sampling follows: the flow with classifier-free guidance."""
-    return lambda x, t: ft.guided(model, x, t, s.guidance)
 
 @torch.no_grad()
 def trajectory(tokenizer, model, bpe, s, out, prompts=(), imgs=None, seed=0):
@@ -170,23 +164,20 @@ def interpolation(tokenizer, model, bpe, s, captions, n, seed=0):
     the other's, all with the same noise."""
     dev = tokenizer.scale_factor.device
     mean, logvar = model.text_encoder(bpe.encode(captions).to(dev))  # (2, K, C)
-    # Linear between the two Gaussians, means and sigmas alike, with one noise draw for the row:
-    # every source is a sample of a Gaussian between the two, made with the same noise (the same as
-    # --prompt draws for the first caption with this seed). Slerp keeps the norm of two independent
-    # noise draws; here there is one, and the means are points, for which a straight line is the path.
+    # Linear between the two Gaussians, means and sigmas alike, with the noise --prompt draws for the first
+    # caption with this seed. (Slerp keeps the norm of two independent noise draws; here there is one.)
     w = torch.linspace(0, 1, n, device=dev).view(n, 1, 1)
     eps = torch.randn(mean[:1].shape, device=dev, generator=torch.Generator(dev).manual_seed(seed))
     x0 = torch.lerp(mean[0], mean[1], w) + (0 if s.from_mean else torch.lerp(*(0.5 * logvar).exp(), w) * eps)
     # Decoded without a caption: a text-aware decoder reading either caption would change the picture too.
-    imgs = tokenizer.images(ft.euler(field(model, s), x0, s.steps))
+    imgs = tokenizer.images(ft.euler(lambda x, t: ft.guided(model, x, t, s.guidance), x0, s.steps))
     return imgs, [f"w={x:.2f}" + (f": {captions[round(x)]}" if x in (0, 1) else "") for x in w.view(-1).tolist()]
 
 @torch.no_grad()
 def edit(tokenizer, model, bpe, s, imgs, captions):
-    """Caption editing: read each picture's caption (image -> text), run the text -> image path
-    backwards from the picture's latent to the source x0 that draws it, and keep that source's noise,
-    eps = (x0 - mean) / sigma under the caption read, around the new caption's mean and sigma.
-    -> captions read, the pictures drawn from the sources as found (the round trip), edited pictures."""
+    """Caption editing: read each picture's caption, run the text -> image path backwards from its latent to
+    the source x0 that draws it, and put that source's noise, eps = (x0 - mean) / sigma under the caption read,
+    around the new caption's mean and sigma. -> captions read, the round trip's pictures, edited pictures."""
     dev, B = tokenizer.scale_factor.device, len(imgs)
     read = ft.image_to_text(tokenizer, model, bpe, imgs, s)
     with warnings.catch_warnings():  # a caption read is model output: an over-long one is just wrong
@@ -194,10 +185,9 @@ def edit(tokenizer, model, bpe, s, imgs, captions):
         ids = bpe.encode(read + list(captions)).to(dev)
     mean, logvar = model.text_encoder(ids)  # (2B, K, C): the captions read, then the new ones
     std = (0.5 * logvar).exp()
-    x0 = ft.euler(field(model, s), tokenizer.latents(imgs, sample=False), s.steps, 1.0, 0.0)
-    eps = (x0 - mean[:B]) / std[:B]
-    drawn = tokenizer.images(ft.euler(field(model, s), mean + std * torch.cat([eps, eps]), s.steps), ids,
-                             s.dec_guidance)
+    guided = lambda x, t: ft.guided(model, x, t, s.guidance)  # the field text -> image sampling follows
+    eps = (ft.euler(guided, tokenizer.latents(imgs, sample=False), s.steps, 1.0, 0.0) - mean[:B]) / std[:B]
+    drawn = tokenizer.images(ft.euler(guided, mean + std * torch.cat([eps, eps]), s.steps), ids, s.dec_guidance)
     return read, drawn[:B], drawn[B:]
 
 def edited(spec, kind):
@@ -207,8 +197,9 @@ def edited(spec, kind):
     now = {"color": color, "shape": shape, "size": spec.size}
     values = {"color": data.COLOR_NAMES, "shape": data.SHAPES, "size": data.SIZES}[kind]
     i = values.index(now[kind])
-    new = ({**now, kind: v} for v in values[i + 1:] + values[:i])
-    return next(x for n in new if not data.is_held_out(x := data.Spec("single", ((n["color"], n["shape"]),), n["size"])))
+    new = (data.Spec("single", ((n["color"], n["shape"]),), n["size"])
+           for n in ({**now, kind: v} for v in values[i + 1:] + values[:i]))
+    return next(x for x in new if not data.is_held_out(x))
 
 @torch.no_grad()
 def edit_eval(tokenizer, model, bpe, s, n, split, seed):
@@ -217,9 +208,9 @@ def edit_eval(tokenizer, model, bpe, s, n, split, seed):
     specs = data.eval_specs("seen", n, split)[:n]  # the single family comes first
     imgs = data.eval_images(tokenizer.cfg.image_size, specs, split, tokenizer.scale_factor.device)
     near = data.SIZE_FRACTION["small"] * tokenizer.cfg.image_size  # a small object's radius
-    print(f"caption edits of {n} {split} renders per attribute; position kept: centre moved <= {near:.1f} px")
-    print("| edited | drawn from | caption read right | shows the new caption | other two attributes kept | "
-          "position kept |\n|---|---|---|---|---|---|")
+    table(f"caption edits of {n} {split} renders per attribute; position kept: centre moved <= {near:.1f} px",
+          "edited", "drawn from", "caption read right", "shows the new caption", "other two attributes kept",
+          "position kept")
     for kind in ("color", "shape", "size"):
         new = [edited(x, kind) for x in specs]
         caps = [data.caption(x) for x in new]
@@ -230,8 +221,8 @@ def edit_eval(tokenizer, model, bpe, s, n, split, seed):
             objs = [(a, b[0]) for a, b in zip(data.find_objects(imgs), data.find_objects(pics)) if len(b) == 1]
             others = sum(all(a[0][k] == b[k] for k in ("color", "shape", "size") if k != kind) for a, b in objs)
             kept = sum(math.hypot(a[0]["cx"] - b["cx"], a[0]["cy"] - b["cy"]) <= near for a, b in objs)
-            print(f"| {kind} | {source} | {read_ok:.2f} | {sum(data.judge_images(pics, new)) / n:.2f} | "
-                  f"{others / n:.2f} | {kept / n:.2f} |", flush=True)
+            row(kind, source, f"{read_ok:.2f}", f"{sum(data.judge_images(pics, new)) / n:.2f}", f"{others / n:.2f}",
+                f"{kept / n:.2f}")
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Sample from a trained nano FlowTok (text -> image, image -> text).")
@@ -268,33 +259,35 @@ def main(argv=None):
         if not os.path.exists(a.prompts_file):
             sys.exit(f"error: prompts file {a.prompts_file} not found")
         prompts += [l.strip() for l in open(a.prompts_file, encoding="utf-8", errors="replace") if l.strip()]
+    pictures = (prompts, a.interpolate, a.image and (a.edit or a.trajectory))  # the modes that write --out
+    needs_flow = prompts or a.image or a.sweep or a.eval or a.interpolate or a.edit_eval  # --recon: the tokenizer
     if any(not x.strip() for x in a.prompt):
         sys.exit("error: empty prompt: give a caption, e.g. --prompt \"a small red circle\"")
     if a.edit and not a.image:
         sys.exit("error: --edit needs the picture to edit: --image PATH --edit \"new caption\"")
-    if not (prompts or a.image or a.sweep or a.eval or a.recon or a.interpolate or a.edit_eval):
+    if not (needs_flow or a.recon):
         sys.exit("error: nothing to do: give --prompt TEXT, --prompts_file FILE, --image PATH, --recon PATH, "
                  "--interpolate A B, --edit_eval N, --sweep or --eval")
     if a.interpolate and len(a.interpolate) != 2:
         sys.exit(f"error: --interpolate takes two captions, not {len(a.interpolate)}: "
                  "--interpolate \"a small red circle\" \"a large blue square\"")
-    if sum(map(bool, (prompts, a.interpolate, a.image and (a.edit or a.trajectory)))) > 1:
+    if sum(map(bool, pictures)) > 1:
         sys.exit("error: one picture per run: --prompt, --interpolate, or --image with --edit / --trajectory")
     if min(a.num_samples, a.eval_prompts) < 1:
         sys.exit("error: --num_samples and --eval_prompts must be at least 1")
-    overrides = {f.name: getattr(a, f.name) for f in dataclasses.fields(ft.SampleConfig) if getattr(a, f.name) is not None}
+    overrides = {f.name: v for f in dataclasses.fields(ft.SampleConfig) if (v := getattr(a, f.name)) is not None}
     ft.build_config(ft.SampleConfig, overrides, "", p)  # range errors before a checkpoint is read
     dev = ft.pick_device(a.device)
     torch.set_flush_denormal(True)
     try:
-        if a.recon and not (prompts or a.image or a.sweep or a.eval):  # the tokenizer alone will do
-            tokenizer = ft.tokenizer_from(ft.load_checkpoint(a.ckpt, dev), a.ckpt, dev)
-        else:
+        if needs_flow:
             tokenizer, model, bpe, saved = ft.load_models(a.ckpt, dev)
             s = dataclasses.replace(saved, **overrides)
+        else:
+            tokenizer = ft.tokenizer_from(ft.load_checkpoint(a.ckpt, dev), a.ckpt, dev)
     except ft.CheckpointError as e:
         sys.exit(f"error: {e}")
-    recon_out = os.path.splitext(a.out)[0] + "_recon.png" if prompts else a.out  # not over the samples
+    recon_out = os.path.splitext(a.out)[0] + "_recon.png" if any(pictures) else a.out  # not over the picture
     failed = reconstruct(tokenizer, a.recon, dev, recon_out) if a.recon else 0
     if a.eval:
         split = a.split or "test"
@@ -314,7 +307,7 @@ def main(argv=None):
         trajectory(tokenizer, model, bpe, s, a.out, prompts, seed=a.seed)
         print(f"saved the paths of {len(prompts)} prompts to {a.out} and its .gif")
     elif prompts:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # each over-long prompt: one line saying it was truncated
             warnings.simplefilter("always")
             warnings.formatwarning = lambda msg, *args, **kw: f"warning: {msg}\n"
             labels = [pr for pr in prompts for _ in range(a.num_samples)]
@@ -323,28 +316,26 @@ def main(argv=None):
         print(f"saved {len(labels)} samples to {a.out}")
     if a.image:
         imgs, loaded, bad = load_images(a.image, tokenizer.cfg.image_size)
-        failed += bad
-        if (a.edit or a.trajectory) and not imgs:
+        if not imgs:
             sys.exit(1)  # load_images said why
-        batch = torch.stack(imgs).to(dev) if imgs else None
+        failed, imgs = failed + bad, torch.stack(imgs).to(dev)
         if a.edit:
-            read, redrawn, edits = edit(tokenizer, model, bpe, s, batch, [a.edit] * len(imgs))
-            labels = []
+            read, redrawn, edits = edit(tokenizer, model, bpe, s, imgs, [a.edit] * len(imgs))
             for path, caption in zip(loaded, read):
                 print(f"{path}: read {caption!r}, drawn as {a.edit!r}")
-                labels += [f"original: {os.path.basename(path)}", f"read: {caption}", f"edit: {a.edit}"]
-            data.save_grid(torch.stack([batch, redrawn, edits], 1).flatten(0, 1), labels, a.out, cols=3)
+            labels = [x for path, c in zip(loaded, read) for x in (f"original: {os.path.basename(path)}",
+                                                                   f"read: {c}", f"edit: {a.edit}")]
+            data.save_grid(torch.stack([imgs, redrawn, edits], 1).flatten(0, 1), labels, a.out, cols=3)
             print(f"saved original | read caption | edited to {a.out}")
         elif a.trajectory:
-            texts = trajectory(tokenizer, model, bpe, s, a.out, imgs=batch)
-            for path, row in zip(loaded, zip(*texts)):
+            for path, row in zip(loaded, zip(*trajectory(tokenizer, model, bpe, s, a.out, imgs=imgs))):
                 print(f"{path}: " + " -> ".join(f"{x!r}" for x in row))
             print(f"saved the image -> text paths to {a.out} and its .gif")
         else:
-            for path, img in zip(loaded, batch):
-                g = torch.Generator(dev).manual_seed(a.seed)
+            for path, img in zip(loaded, imgs):
                 cands = ft.caption_candidates(tokenizer, model, img[None], max(s.candidates, a.num_samples),
-                                              s.steps if a.inverse else s.i2t_steps, a.inverse, g, s.check_margin)
+                                              s.steps if a.inverse else s.i2t_steps, a.inverse,
+                                              torch.Generator(dev).manual_seed(a.seed), s.check_margin)
                 caps = list(dict.fromkeys(bpe.decode(x) for x in cands[0]))  # best first, each once
                 print(f"{path}: " + " | ".join(caps[:a.num_samples]))
     if failed:

@@ -533,12 +533,16 @@ class TextDecoder(nn.Module):
         """z (B, K, C) -> logits (B, K, vocab)."""
         return self.head(self.ln(self.blocks(self.latent_in(z) + self.latent_pos)))
 
-def clip_loss(a, b, logit_scale):
+def clip_loss(a, b, logit_scale, same=None):
     """Symmetric InfoNCE between two (B, D) batches, row i of a belongs with row i of b: logits =
     cosine similarities times exp(logit_scale) capped at 100, (B, B); the mean of the cross-entropies
-    of rows (a -> b) and of columns (b -> a). Returns a scalar."""
+    of rows (a -> b) and of columns (b -> a). Returns a scalar. same (B, B) bool, optional: pairs that
+    share a caption; off the diagonal they are no negatives (logit -inf): a batch of the shapes world
+    holds many repeated captions, and pushing a caption away from its own pictures teaches nothing."""
     a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     logits = logit_scale.exp().clamp(max=100) * a @ b.t()  # (B, B)
+    if same is not None:
+        logits = logits.masked_fill(same & ~torch.eye(len(a), dtype=torch.bool, device=a.device), -torch.inf)
     labels = torch.arange(a.shape[0], device=a.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
@@ -662,7 +666,8 @@ class FlowTok(nn.Module):
         v = self.velocity(interpolate(z_txt, x1, t), t, direction=0, null=null)
         fm = F.mse_loss(v, target_velocity(z_txt, x1))
         kl = text_kl(mean, logvar)
-        align = clip_loss(z_txt.flatten(1), self.image_proj(z_img.flatten(1)), self.logit_scale)
+        same = (ids[:, None] == ids[None]).all(-1)  # (B, B)
+        align = clip_loss(z_txt.flatten(1), self.image_proj(z_img.flatten(1)), self.logit_scale, same)
         rec = F.cross_entropy(self.text_decoder(z_txt).flatten(0, 1), ids.flatten())
         loss = fm + cfg.kl_weight * kl + cfg.align_weight * align + cfg.decoder_weight * rec
         stats = {"fm": fm, "kl": kl, "align": align, "rec": rec,
@@ -754,6 +759,8 @@ class SampleConfig:
     check_margin: float = 2.0   # image -> text: the check picks only among captions at most this many nats
                                 # less likely than the likeliest, by the text decoder (inf: any)
     from_mean: bool = False     # start text -> image at the text latent's mean instead of a sample
+    reencode: int = 3           # text -> image: rounds of decode -> encode -> decode, which pull a drawn picture
+                                # onto what the tokenizer reconstructs (cleaner shapes); 0 = none
 
     def __post_init__(self):
         check_ranges(self, positive=("steps", "i2t_steps", "candidates"))
@@ -962,7 +969,10 @@ def text_to_image(tokenizer, model, bpe, prompts, s, seed=0, batch=256):
     out = []
     for i in range(0, len(prompts), batch):
         ids = bpe.encode(prompts[i:i + batch]).to(dev)
-        out.append(tokenizer.images(model.generate(ids, s.steps, s.guidance, s.from_mean, g), ids, s.dec_guidance))
+        img = tokenizer.images(model.generate(ids, s.steps, s.guidance, s.from_mean, g), ids, s.dec_guidance)
+        for _ in range(s.reencode):
+            img = tokenizer.images(tokenizer.latents(img, sample=False), ids, s.dec_guidance)
+        out.append(img)
     return torch.cat(out)
 
 @torch.no_grad()

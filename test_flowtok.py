@@ -305,6 +305,22 @@ def test_same_seed_same_samples():
     assert torch.equal(read(), read())
 
 
+def test_reencode_rounds_redraw_the_picture_from_its_posterior_mean():
+    torch.manual_seed(0)
+    bpe = ft.TextTokenizer.train([data.caption(s) for s in data.ShapesWorld(seed=0).sample_specs(200)], 6, 300)
+    tokenizer = perturbed(ft.ImageTokenizer(ft.TokenizerConfig(image_size=16, num_tokens=6, token_dim=4, width=32,
+                                                               enc_depth=1, dec_depth=1, n_head=2), bpe.vocab_size))
+    model, prompts = perturbed(tiny_flow(bpe.vocab_size)), ["a small red circle", "two blue squares"]
+    ids, s = bpe.encode(prompts), ft.SampleConfig(steps=2, reencode=0)
+    draw = lambda rounds: ft.text_to_image(tokenizer.eval(), model.eval(), bpe, prompts,
+                                           dataclasses.replace(s, reencode=rounds), seed=3)
+    redraw = lambda img: tokenizer.images(tokenizer.latents(img, sample=False), ids, s.dec_guidance)
+    plain, once, twice = draw(0), draw(1), draw(2)
+    assert not torch.allclose(plain, once)
+    assert torch.allclose(once, redraw(plain), atol=1e-6)   # the mean, not a sample; the caption read again
+    assert torch.allclose(twice, redraw(once), atol=1e-6)
+
+
 def test_caption_candidates_are_ranked_by_the_text_aware_redrawing():
     """Image -> text's candidates: the most likely caption, then draws, the same on every call;
     a text-aware tokenizer orders them by its decoder's redraw error, an image-only one cannot."""

@@ -149,11 +149,14 @@ def text_kl(prior=lambda mean: (0.3 * mean).pow(6), var=torch.exp, sign=-0.5,
     return lambda mean, logvar: reduce(sign * (1 + logvar - prior(mean) - var(logvar)))
 
 
-def clip_loss(normalise=True, temperature=lambda s: s.exp().clamp(max=100), combine=lambda rows, cols: (rows + cols) / 2):
-    def loss(a, b, logit_scale):
+def clip_loss(normalise=True, temperature=lambda s: s.exp().clamp(max=100), combine=lambda rows, cols: (rows + cols) / 2,
+              mask_same=True):
+    def loss(a, b, logit_scale, same=None):
         if normalise:
             a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
         logits, labels = temperature(logit_scale) * a @ b.t(), torch.arange(a.shape[0])
+        if same is not None and mask_same:
+            logits = logits.masked_fill(same & ~torch.eye(len(a), dtype=torch.bool), -torch.inf)
         return combine(F.cross_entropy(logits, labels), F.cross_entropy(logits.t(), labels))
     return loss
 
@@ -185,6 +188,7 @@ TEXT = {
         plausible("not normalised", clip_loss(normalise=False)),
         plausible("logit_scale used without exp", clip_loss(temperature=lambda s: s)),
         plausible("no cap at 100", clip_loss(temperature=lambda s: s.exp())),
+        plausible("same-caption pairs still counted as negatives", clip_loss(mask_same=False)),
         trivial("returns zero", lambda a, b, logit_scale: torch.zeros(())),
     ],
 }

@@ -247,6 +247,18 @@ def test_clip_loss_caps_the_temperature_at_100(dtype):
     close(ft.clip_loss(a, b, torch.tensor(math.log(1000.0))), want, 1e-4,
           "exp(logit_scale) = 1000 is capped at 100 (no cap at 100?)")
 
+@pytest.mark.text
+def test_clip_loss_same_caption_pairs_are_no_negatives(dtype):
+    # rows 0 and 1 share a caption: cosines [[1, 1, 0], [1, 1, 0], [0, 0, 1]], temperature 2. Masking the
+    # off-diagonal same pairs leaves rows 0, 1 with logits [2, 0]: softplus(-2) each; row 2 keeps [0, 0, 2]
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    same = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    want = (2 * softplus(-2.0) + math.log(1 + 2 * math.exp(-2.0))) / 3  # rows and columns alike (a = b)
+    close(ft.clip_loss(a, a.clone(), torch.tensor(math.log(2.0)), same), want, 1e-5,
+          "pairs marked `same` off the diagonal get logit -inf (same-caption pairs still counted as negatives? "
+          "the diagonal masked too?)")
+
+
 # -----------------------------------------------------------------------------
 # 4. network: time embedding, adaLN, attention, the adaLN-Zero block, patches
 

@@ -106,16 +106,15 @@ def bench_variant(bc, tokenizer_cfg, flow_cfg, s, compiled, bf16, parts=("tokeni
     if "sampling" not in parts:
         return rows
 
-    # sampling: text encoder -> 2 x steps flow passes -> tokenizer decoder (twice, with decoder guidance)
-    sample_ids = bpe.encode((captions * (64 // len(captions) + 1))[:64]).to(dev)
+    # sampling: text encoder -> 2 x steps flow passes -> tokenizer decoder (twice, with decoder guidance),
+    # then the re-encode rounds (encoder + decoder twice each)
+    prompts = (captions * (64 // len(captions) + 1))[:64]
     if compiled:  # the flow transformer is what runs 2 x steps times
         model.flow = torch.compile(model.flow)
 
-    @torch.no_grad()
     def sample():
         with autocast:
-            z = model.generate(sample_ids, s.steps, s.guidance).float()
-            return tokenizer.images(z, sample_ids, s.dec_guidance)
+            return ft.text_to_image(tokenizer, model, bpe, prompts, s)
     dt = timed(sample, max(3, bc.iters // 4), dev)
     rows[f"sampling ({s.steps} steps)"] = (dt, 64 / dt, None)
     return rows

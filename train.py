@@ -51,7 +51,7 @@ class TrainConfig:
     # flow stage
     flow_steps: int = 1300        # flow optimizer steps
     flow_batch: int = 128         # flow (caption, picture) pairs per step (per rank, per micro-step)
-    flow_lr: float = 2e-3         # flow peak learning rate
+    flow_lr: float = 1e-3         # flow peak learning rate
     ema_decay: float = 0.999      # EMA of the flow model (what gets sampled); warmed up as (1+step)/(10+step)
     # both stages
     warmup: int = 100             # linear warm-up steps

@@ -759,7 +759,7 @@ class SampleConfig:
     check_margin: float = 2.0   # image -> text: the check picks only among captions at most this many nats
                                 # less likely than the likeliest, by the text decoder (inf: any)
     from_mean: bool = False     # start text -> image at the text latent's mean instead of a sample
-    reencode: int = 3           # text -> image: rounds of decode -> encode -> decode, which pull a drawn picture
+    reencode: int = 2           # text -> image: rounds of decode -> encode -> decode, which pull a drawn picture
                                 # onto what the tokenizer reconstructs (cleaner shapes); 0 = none
 
     def __post_init__(self):

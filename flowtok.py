@@ -1,13 +1,11 @@
 """
 nano FlowTok: text <-> image through one flow between two small token sequences.
 
-FlowTok (arXiv 2503.10772) does not denoise an image out of Gaussian noise under a text condition.
-It encodes the caption into K x C continuous tokens, the image into the same shape with a compact
-1-D tokenizer, and learns one velocity field that carries the first straight into the second.
-This file is the whole model, in the order of the paper:
-
-    helpers -> blocks -> 1-D image tokenizer -> text side (BPE, encoder, decoder)
-            -> flow transformer (+ the losses) -> Euler ODE sampler -> using a trained model
+FlowTok (arXiv 2503.10772) does not denoise an image out of noise under a text condition: it encodes the
+caption into K x C continuous tokens, the image into the same shape with a compact 1-D tokenizer, and
+learns one velocity field that carries the first straight into the second. This file is the whole model,
+in the order of the paper: helpers -> blocks -> 1-D image tokenizer -> text side (BPE, encoder, decoder)
+-> flow transformer (+ the losses) -> Euler ODE sampler -> using a trained model.
 
 The flow convention, stated once and used everywhere (tests check it in closed form):
 
@@ -16,13 +14,10 @@ The flow convention, stated once and used everywhere (tests check it in closed f
     x_t = (1 - t) * x0 + t * x1          (straight path)
     v   = d x_t / dt = x1 - x0           (target velocity, regressed with MSE)
 
-Image -> text uses the same path with the roles swapped (source = image latent at t = 0).
-Ours, not the paper's: the text-aware tokenizer decoder is guided towards the caption when it draws
-(ImageTokenizer.decode), and image -> text checks its reading by how well that decoder redraws the
-picture from each candidate caption (caption_candidates).
-
-Naming: `tokenizer` is the image tokenizer, `bpe` the text tokenizer; `cfg` is a config, and
-classifier-free guidance is spelled `guidance`.
+Image -> text uses the same path with the roles swapped (source = image latent at t = 0). Ours, not the
+paper's: the text-aware tokenizer decoder is guided towards the caption (ImageTokenizer.decode), and
+image -> text checks its reading by how well that decoder redraws the picture (caption_candidates).
+Naming: `tokenizer` is the image tokenizer, `bpe` the text one; `cfg` a config; CFG is spelled `guidance`.
 """
 
 import argparse, dataclasses, functools, inspect, math, os, re, tempfile, time, warnings
@@ -45,8 +40,7 @@ def sincos_1d(n, dim):
     return torch.cat([torch.sin(pos * freq), torch.cos(pos * freq)], dim=1)  # (n, dim)
 
 def sincos_2d(grid, dim):
-    """Fixed 2-D sin-cos positions, (grid*grid, dim), half the channels for the row, half the column. With
-    learned 1-D positions only, the tokenizer sits for hundreds of steps at the mean image."""
+    """(grid*grid, dim) sin-cos positions, half for the row, half the column (learned 1-D ones stall training)."""
     row = sincos_1d(grid, dim // 2)  # (grid, dim/2)
     return torch.cat([row.repeat_interleave(grid, 0), row.repeat(grid, 1)], dim=1)  # (grid*grid, dim)
 
@@ -104,8 +98,7 @@ class Attention(nn.Module):
         return self.proj(rearrange(y, "b h n d -> b n (h d)"))
 
 def use_manual_attention(model, on):
-    """Switch every attention layer of `model` between SDPA and the formula written out: faster under bf16
-    on a CPU at our 16-80 tokens (the fused kernel's bf16 backward is slow, the math kernel checks masks)."""
+    """Every attention layer of `model` to SDPA or the formula written out (faster under bf16 on a CPU)."""
     for m in model.modules():
         if isinstance(m, Attention):
             m.manual = on
@@ -131,8 +124,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 class DiTBlock(nn.Module):
-    """DiT block with adaLN-Zero: the conditioning c (time + flags) sets a shift, scale and gate
-    for each sub-layer. The gates start at zero, so every block starts as the identity."""
+    """DiT block, adaLN-Zero: c (time + flag) sets a shift, scale and gate per sub-layer; zero gates: identity."""
     def __init__(self, dim, n_head):
         super().__init__()
         self.ln1, self.attn = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6), Attention(dim, n_head)
@@ -169,18 +161,16 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_embedding(t, self.freq_dim))
 
 def init_weights(model):
-    """All special initialisation of the project: Linear xavier-uniform, zero bias (DiT); Embedding and
-    learned tokens N(0, 0.02) (GPT-2); adaLN-Zero: every adaLN modulation Linear and the final output start
-    at zero, so the flow starts as 'predict velocity 0', each block as the identity."""
+    """All special init: Linear xavier-uniform, zero bias (DiT); Embedding and learned tokens N(0, 0.02) (GPT-2);
+    adaLN-Zero: adaLN modulations and the final output at zero (velocity 0, each block the identity)."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+            nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
     for name, p in model.named_parameters():
-        if name.endswith("_tokens") or name.endswith("_pos"):
+        if name.endswith(("_tokens", "_pos")):
             nn.init.normal_(p, std=0.02)
     for m in model.modules():
         if isinstance(m, (DiTBlock, FinalLayer)):
@@ -188,13 +178,11 @@ def init_weights(model):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
 
-
 def param_count(module):
     return sum(p.numel() for p in module.parameters())
 
 def transformer_flops(tokens, width, depth):
-    """Forward matmul FLOPs of `depth` transformer blocks over `tokens` tokens, per sample:
-    qkv 6TD^2 + out 2TD^2 + MLP 16TD^2, plus attention scores and mixing 4T^2D (2 per multiply-add)."""
+    """Forward matmul FLOPs per sample of `depth` blocks over T tokens: qkv, out, MLP 24TD^2; attention 4T^2D."""
     return depth * (24 * tokens * width ** 2 + 4 * tokens ** 2 * width)
 
 # -----------------------------------------------------------------------------
@@ -202,12 +190,10 @@ def transformer_flops(tokens, width, depth):
 #
 # encoder: patches (N = (S/p)^2) ; K learned latent tokens -> ViT -> K latent outputs -> mean, logvar (K x C)
 # decoder: a shared mask token per patch (+ 2-D positions) ; Linear(z) [; caption tokens] -> ViT -> pixels
-# The K latent tokens have no grid of their own: each can describe any part of the image, which is what
-# makes K as small as the text length possible. FlowTok's decoder is text-aware (TA-TiTok's): it also
-# reads the caption, so the latent need not spell out what the words say ("diamond": sharp corners), and
-# when sampling the prompt itself helps draw. Hiding a share of training captions lets it decode with no
-# caption too, and be guided towards the caption like a CFG model (decode). The latent then keeps less of
-# the shapes, so image -> text checks its reading with this decoder (caption_candidates).
+# The K latent tokens have no grid: each can describe any part of the image, so K can be as small as the text.
+# The decoder is text-aware (TA-TiTok's, as FlowTok's): it also reads the caption, so the latent need not
+# spell out what the words say ("diamond": sharp corners). Captions hidden in training (text_drop) let it
+# decode without one, and be guided towards the caption like a CFG model (decode).
 
 @dataclass
 class TokenizerConfig:
@@ -249,22 +235,17 @@ class ImageTokenizer(nn.Module):
         W, K, C, p = cfg.width, cfg.num_tokens, cfg.token_dim, cfg.patch_size
         self.register_buffer("patch_pos", sincos_2d(cfg.image_size // p, W), persistent=False)  # (N, W)
         # encoder
-        self.patch_embed = nn.Linear(3 * p * p, W)
-        self.latent_tokens = nn.Parameter(torch.zeros(K, W))
+        self.patch_embed, self.latent_tokens = nn.Linear(3 * p * p, W), nn.Parameter(torch.zeros(K, W))
         self.encoder = nn.Sequential(*[Block(W, cfg.n_head) for _ in range(cfg.enc_depth)])
-        self.enc_ln = nn.LayerNorm(W)
-        self.to_moments = nn.Linear(W, 2 * C)
+        self.enc_ln, self.to_moments = nn.LayerNorm(W), nn.Linear(W, 2 * C)
         # decoder
         self.mask_tokens = nn.Parameter(torch.zeros(1, W))
-        self.latent_in = nn.Linear(C, W)
-        self.latent_pos = nn.Parameter(torch.zeros(K, W))
+        self.latent_in, self.latent_pos = nn.Linear(C, W), nn.Parameter(torch.zeros(K, W))
         if cfg.text_aware:  # id vocab_size stands for "no caption"; captions are K ids, like the latent
             assert vocab_size > 0, "a text-aware tokenizer needs vocab_size (the text tokenizer's)"
-            self.text_in = nn.Embedding(vocab_size + 1, W)
-            self.text_pos = nn.Parameter(torch.zeros(K, W))
+            self.text_in, self.text_pos = nn.Embedding(vocab_size + 1, W), nn.Parameter(torch.zeros(K, W))
         self.decoder = nn.Sequential(*[Block(W, cfg.n_head) for _ in range(cfg.dec_depth)])
-        self.dec_ln = nn.LayerNorm(W)
-        self.to_pixels = nn.Linear(W, 3 * p * p)
+        self.dec_ln, self.to_pixels = nn.LayerNorm(W), nn.Linear(W, 3 * p * p)
         # Multiplies latents before the flow so they have ~unit std (set by fit_scale after training).
         self.register_buffer("scale_factor", torch.ones(()))
         init_weights(self)
@@ -278,8 +259,8 @@ class ImageTokenizer(nn.Module):
         return 3 * (enc + dec) if train else enc
 
     def patchify(self, img):
-        """img (B, 3, S, S) -> (B, N, p * p * 3): p x p patches in row-major order, each flattened
-        (row, column, channel) within the patch; unpatchify is its inverse."""
+        """img (B, 3, S, S) -> (B, N, p * p * 3): p x p patches in row-major order, each flattened (row, column,
+        channel) within the patch; unpatchify is its inverse."""
         return rearrange(img, "b c (h p) (w q) -> b (h w) (p q c)", p=self.cfg.patch_size, q=self.cfg.patch_size)
 
     def unpatchify(self, x):
@@ -368,8 +349,7 @@ PAD = "<|pad|>"
 GPT2_CACHE_FILES = ("6d1cbeee0f20b3d9449abfede4726ed8212e3aee", "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6")
 
 def train_bpe(texts, vocab_size):
-    """Byte-level BPE: from the 256 bytes, merge the most frequent adjacent pair until no pair occurs twice.
-    Each distinct pre-split word is processed once, weighted by its count: cheap (a few dozen words)."""
+    """Byte-level BPE: from the 256 bytes, merge the most frequent adjacent pair (each distinct word once)."""
     words = Counter(w.encode("utf-8") for text in texts for w in re.findall(SPLIT_PATTERN, text))
     pieces = {w: [bytes([b]) for b in w] for w in words}
     ranks = {bytes([i]): i for i in range(256)}
@@ -395,9 +375,8 @@ def train_bpe(texts, vocab_size):
     return ranks
 
 class TextTokenizer:
-    """Captions <-> (B, K) token ids, padded (or truncated, with one warning) to K tokens.
-    kind 'bpe': our own ranks, stored in the checkpoint. kind 'gpt2': tiktoken's GPT-2 BPE, only
-    when its files are already in tiktoken's cache (we never start a download: it has no timeout)."""
+    """Captions <-> (B, K) ids, padded (or truncated, with one warning). kind 'bpe': our ranks, kept in the
+    checkpoint; 'gpt2': tiktoken's, only if already in its cache (a download there has no timeout)."""
     def __init__(self, length, kind="bpe", ranks=None):
         import tiktoken
         self.length, self.kind, self.ranks = length, kind, ranks
@@ -416,16 +395,14 @@ class TextTokenizer:
             self.pad_id = self.enc.eot_token
         else:
             raise ValueError(f"unknown text tokenizer {kind!r}: use 'bpe' or 'gpt2'")
-        self.vocab_size = self.enc.n_vocab
-        self.warned = False
+        self.vocab_size, self.warned = self.enc.n_vocab, False
         self.encode_one = functools.lru_cache(maxsize=1 << 16)(self.encode_one)  # per instance
 
     @classmethod
     def train(cls, texts, length, vocab_size=512):
         return cls(length, "bpe", train_bpe(texts, vocab_size))
 
-    def state_dict(self):
-        # hex strings: plain python types load under torch.load(weights_only=True)
+    def state_dict(self):  # ranks as hex strings: plain python types load under weights_only=True
         ranks = [t.hex() for t, _ in sorted(self.ranks.items(), key=lambda kv: kv[1])] if self.ranks else None
         return {"kind": self.kind, "length": self.length, "ranks": ranks}
 
@@ -439,8 +416,8 @@ class TextTokenizer:
         return torch.tensor([self.encode_one(t) for t in texts])
 
     def encode_one(self, text):
-        """str -> K ids. Memoised (see __init__): a flow step encodes two batches of captions drawn
-        from the few thousand the shapes world has, and a cache hit is far cheaper than tiktoken."""
+        """str -> K ids; memoised (see __init__): captions repeat, and a cache hit is far cheaper than tiktoken."""
+
         ids = self.enc.encode_ordinary(text)
         if not self.warned and len(ids) > self.length:
             warnings.warn(f"caption of {len(ids)} tokens truncated to {self.length} "
@@ -465,11 +442,9 @@ class TextTokenizer:
 class TextEncoder(nn.Module):
     def __init__(self, vocab_size, K, C, width, depth, n_head):
         super().__init__()
-        self.embed = nn.Embedding(vocab_size, width)
-        self.embed_pos = nn.Parameter(torch.zeros(K, width))
+        self.embed, self.embed_pos = nn.Embedding(vocab_size, width), nn.Parameter(torch.zeros(K, width))
         self.blocks = nn.Sequential(*[Block(width, n_head) for _ in range(depth)])
-        self.ln = nn.LayerNorm(width)
-        self.to_moments = nn.Linear(width, 2 * C)
+        self.ln, self.to_moments = nn.LayerNorm(width), nn.Linear(width, 2 * C)
 
     def forward(self, ids):
         """ids (B, K) -> mean, logvar (B, K, C). No attention mask: the pads mark the length."""
@@ -480,11 +455,9 @@ class TextEncoder(nn.Module):
 class TextDecoder(nn.Module):
     def __init__(self, vocab_size, K, C, width, depth, n_head):
         super().__init__()
-        self.latent_in = nn.Linear(C, width)
-        self.latent_pos = nn.Parameter(torch.zeros(K, width))
+        self.latent_in, self.latent_pos = nn.Linear(C, width), nn.Parameter(torch.zeros(K, width))
         self.blocks = nn.Sequential(*[Block(width, n_head) for _ in range(depth)])
-        self.ln = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocab_size)
+        self.ln, self.head = nn.LayerNorm(width), nn.Linear(width, vocab_size)
 
     def forward(self, z):
         """z (B, K, C) -> logits (B, K, vocab)."""
@@ -542,8 +515,7 @@ class FlowTransformer(nn.Module):
         super().__init__()
         self.x_in = nn.Linear(C, width)
         self.register_buffer("pos", sincos_1d(K, width), persistent=False)  # (K, D)
-        self.t_embed = TimestepEmbedder(width)
-        self.null_embed = nn.Embedding(2, width)  # 0: conditional, 1: "unconditional"
+        self.t_embed, self.null_embed = TimestepEmbedder(width), nn.Embedding(2, width)  # null 1: "unconditional"
         self.blocks = nn.ModuleList([DiTBlock(width, n_head) for _ in range(depth)])
         self.final = FinalLayer(width, C)
         init_weights(self)
@@ -557,10 +529,11 @@ class FlowTransformer(nn.Module):
 
 def null_roll(x1, prob, generator=None):
     """FlowTok's guidance indicator, x1 (B, K, C) -> (targets, flags (B,) long): flag ~prob of the samples
-    (uniform draw < prob, with `generator`); the flagged samples' targets are rolled by one
-    among themselves, so under the flag the model learns to flow a caption to an unrelated image (the
-    unconditional field). With fewer than two flagged there is nothing to roll. Written with fixed
-    shapes (no nonzero(), no branch on a count), so torch.compile traces the flow step as one graph."""
+    (uniform draw < prob, with `generator`); the flagged samples' targets are rolled by one among themselves,
+    so under the flag the model learns to flow a caption to an unrelated image (the unconditional field).
+    With fewer than two flagged there is nothing to roll. Fixed shapes (no nonzero(), no branch on a count):
+    torch.compile traces the flow step as one graph."""
+
     null = torch.rand(x1.shape[0], device=x1.device, generator=generator) < prob
     n = null.sum()
     null = null & (n >= 2)
@@ -655,7 +628,6 @@ class FlowTok(nn.Module):
         direction, t_start, t_end = (0, 1.0, 0.0) if inverse else (1, 0.0, 1.0)
         z_txt = euler(lambda x, t: self.velocity(x, t, direction=direction), z_img, steps, t_start, t_end)
         return self.text_decoder(z_txt)
-
 
 # -----------------------------------------------------------------------------
 # Euler ODE sampler with classifier-free guidance
@@ -768,7 +740,6 @@ def str2bool(s):
         raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
     return s.lower() in ("1", "true", "yes", "on")
 
-
 def field_help(cls):
     """The comment after each field of a config dataclass, with its continuation lines: its --help."""
     helps, name = {}, None
@@ -782,8 +753,7 @@ def field_help(cls):
     return helps
 
 def add_fields(parser, cls, prefix, title):
-    """One flag per dataclass field, --prefix.name=value (booleans also bare: --name). Every flag's
-    default is None, so what the command line set can be told from what it did not."""
+    """One flag per field, --prefix.name=value (booleans also bare); default None, to tell what the user set."""
     group = parser.add_argument_group(title)
     helps = field_help(cls)
     for f in dataclasses.fields(cls):
@@ -841,12 +811,11 @@ class CheckpointError(Exception):
 def save_checkpoint(state, out_dir, name="ckpt.pt"):
     """Write a temp file, fsync, rename it over the old one: a crash at any moment leaves the old or the new."""
     path = os.path.join(out_dir, name)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with open(path + ".tmp", "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(path + ".tmp", path)
 
 def load_checkpoint(path, device="cpu"):
     if not os.path.exists(path):
@@ -917,12 +886,10 @@ def pick_tokens(logits, generator=None):
 
 @torch.no_grad()
 def caption_candidates(tokenizer, model, img, n, steps=1, inverse=False, generator=None, margin=math.inf):
-    """Image -> text with a check FlowTok lacks: images (B, 3, S, S) -> n candidate captions each (B, n, K),
-    best first. Candidate 0 is the text decoder's most likely tokens, the others are drawn from it (the same
-    draws every call by default). A text-aware tokenizer ranks them by how well its decoder redraws the
-    picture from latent and caption: it takes from the words what the latent leaves out (mostly shapes), so
-    a wrong word draws a wrong picture; image-only keeps that order. Captions more than `margin` nats less
-    likely than the likeliest rank last: a redraw that happens to fit must not outvote a sure reading."""
+    """Image -> text with a check FlowTok lacks: images (B, 3, S, S) -> n captions each (B, n, K), best first:
+    the likeliest, then draws (the same each call by default). A text-aware decoder ranks them by how well it
+    redraws the picture from latent and caption (a wrong word draws a wrong shape); captions over `margin`
+    nats less likely than the likeliest rank last, so a lucky redraw cannot outvote a sure reading."""
     z = tokenizer.latents(img, sample=False)
     logits = model.caption_logits(z, steps, inverse)  # (B, K, vocab)
     generator = generator or torch.Generator(img.device).manual_seed(0)

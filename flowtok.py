@@ -326,7 +326,6 @@ class ImageTokenizer(nn.Module):
     @torch.no_grad()
     def redraw_error(self, img, z, ids):
         """(B,): edge-weighted squared error of the decoder's redraw of img from latents z and caption ids."""
-
         return (self.pixel_weights(img) * (self.images(z, ids) - img).pow(2)).flatten(1).sum(1)
 
     @torch.no_grad()
@@ -417,7 +416,6 @@ class TextTokenizer:
 
     def encode_one(self, text):
         """str -> K ids; memoised (see __init__): captions repeat, and a cache hit is far cheaper than tiktoken."""
-
         ids = self.enc.encode_ordinary(text)
         if not self.warned and len(ids) > self.length:
             warnings.warn(f"caption of {len(ids)} tokens truncated to {self.length} "
@@ -533,7 +531,6 @@ def null_roll(x1, prob, generator=None):
     so under the flag the model learns to flow a caption to an unrelated image (the unconditional field).
     With fewer than two flagged there is nothing to roll. Fixed shapes (no nonzero(), no branch on a count):
     torch.compile traces the flow step as one graph."""
-
     null = torch.rand(x1.shape[0], device=x1.device, generator=generator) < prob
     n = null.sum()
     null = null & (n >= 2)
@@ -712,9 +709,9 @@ def parse_settings(parser, sections, argv=None):
     settings = {**PRESETS[preset], **cli, "preset": preset}
     configs = {}
     for prefix, (cls, _) in sections.items():
-        names = {f.name for f in dataclasses.fields(cls)}
-        mine = {k[len(prefix):]: v for k, v in settings.items() if k.startswith(prefix) and k[len(prefix):] in names}
+        mine = {f.name: settings[prefix + f.name] for f in dataclasses.fields(cls) if prefix + f.name in settings}
         configs[prefix] = build_config(cls, mine, prefix, parser)
+
     return configs, cli
 
 def check_ranges(cfg, positive=(), shares=()):

@@ -546,10 +546,9 @@ class FlowTok(nn.Module):
         super().__init__()
         self.cfg, K, C = cfg, num_tokens, token_dim
         text = (vocab_size, K, C, cfg.text_width, cfg.text_depth, TEXT_HEADS)
-        self.text_encoder = TextEncoder(*text)
-        self.text_decoder = TextDecoder(*text)
-        self.flow = FlowTransformer(K, C, cfg.width, cfg.depth, cfg.n_head)
-        self.flow_i2t = FlowTransformer(K, C, cfg.width, cfg.depth, cfg.n_head)
+        self.text_encoder, self.text_decoder = TextEncoder(*text), TextDecoder(*text)
+        self.flow, self.flow_i2t = [FlowTransformer(K, C, cfg.width, cfg.depth, cfg.n_head) for _ in range(2)]
+
         # Contrastive alignment through a small MLP on the image side: the text latent need not copy its layout.
         self.image_proj = nn.Sequential(nn.Linear(K * C, cfg.text_width), nn.SiLU(), nn.Linear(cfg.text_width, K * C))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -568,7 +567,6 @@ class FlowTok(nn.Module):
         or (B,) flags (1 asks for the unconditional field)."""
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(x.shape[0])
         null = torch.as_tensor(null, device=x.device, dtype=torch.long).expand(x.shape[0])
-
         return (self.flow_i2t if direction == 1 else self.flow)(x, t, null)
 
     def forward(self, ids, z_img, ids_i2t=None):

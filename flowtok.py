@@ -1,13 +1,11 @@
 """
 nano FlowTok: text <-> image through one flow between two small token sequences.
 
-FlowTok (arXiv 2503.10772) does not denoise an image out of Gaussian noise under a text condition.
-It encodes the caption into K small continuous tokens (K x C), encodes the image into the same
-shape with a compact 1-D tokenizer, and learns a single velocity field that carries the first
-straight into the second. This file is the whole model, in the order of the paper:
-
-    helpers -> blocks -> 1-D image tokenizer -> text side (BPE, encoder, decoder)
-            -> flow transformer (+ the losses) -> Euler ODE sampler -> using a trained model
+FlowTok (arXiv 2503.10772) does not denoise an image out of noise under a text condition: it encodes the
+caption into K x C continuous tokens, the image into the same shape with a compact 1-D tokenizer, and
+learns one velocity field that carries the first straight into the second. This file is the whole model,
+in the order of the paper: helpers -> blocks -> 1-D image tokenizer -> text side (BPE, encoder, decoder)
+-> flow transformer (+ the losses) -> Euler ODE sampler -> using a trained model.
 
 The flow convention, stated once and used everywhere (tests check it in closed form):
 
@@ -16,28 +14,16 @@ The flow convention, stated once and used everywhere (tests check it in closed f
     x_t = (1 - t) * x0 + t * x1          (straight path)
     v   = d x_t / dt = x1 - x0           (target velocity, regressed with MSE)
 
-Image -> text uses the same path with the roles swapped (source = image latent at t = 0).
-Two things here are ours, not the paper's: the text-aware tokenizer decoder is guided towards the
-caption when it draws (ImageTokenizer.decode), and image -> text checks its reading by how well that
-decoder redraws the picture from each candidate caption (caption_candidates).
-
-Naming: `tokenizer` is always the image tokenizer, `bpe` the text tokenizer; `cfg` is always a
-config, and classifier-free guidance is spelled `guidance`.
+Image -> text uses the same path with the roles swapped (source = image latent at t = 0). Ours, not the
+paper's: the text-aware tokenizer decoder is guided towards the caption (ImageTokenizer.decode), and
+image -> text checks its reading by how well that decoder redraws the picture (caption_candidates).
+Naming: `tokenizer` is the image tokenizer, `bpe` the text one; `cfg` a config; CFG is spelled `guidance`.
 """
 
-import functools
-import math
-import re
-import os
-import inspect
-import argparse
-import tempfile
-import time
-import warnings
-import dataclasses
-from dataclasses import dataclass
+import argparse, dataclasses, functools, inspect, math, os, re, tempfile, time, warnings
 from collections import Counter
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -54,9 +40,7 @@ def sincos_1d(n, dim):
     return torch.cat([torch.sin(pos * freq), torch.cos(pos * freq)], dim=1)  # (n, dim)
 
 def sincos_2d(grid, dim):
-    """Fixed 2-D sin-cos positions for a grid x grid patch layout, (grid*grid, dim).
-    Half the channels encode the row, half the column. With only learned 1-D positions the
-    tokenizer sits for hundreds of steps at the mean image: the latent learns the colour, not the place."""
+    """(grid*grid, dim) sin-cos positions, half for the row, half the column (learned 1-D ones stall training)."""
     row = sincos_1d(grid, dim // 2)  # (grid, dim/2)
     return torch.cat([row.repeat_interleave(grid, 0), row.repeat(grid, 1)], dim=1)  # (grid*grid, dim)
 
@@ -101,8 +85,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head = n_head
         self.manual = False  # the formula written out instead of SDPA: see use_manual_attention
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x):
         """x (B, N, D) -> (B, N, D): qkv(x) holds q | k | v, each n_head heads of Dh = D / n_head channels;
@@ -115,10 +98,7 @@ class Attention(nn.Module):
         return self.proj(rearrange(y, "b h n d -> b n (h d)"))
 
 def use_manual_attention(model, on):
-    """Switch every attention layer of `model` between SDPA and the formula written out. Under bf16
-    on a CPU, at our short sequences (16-80 tokens), the written-out formula is the faster one:
-    PyTorch's fused CPU kernel has a slow bf16 backward, and its math kernel pays for masking
-    checks we do not need."""
+    """Every attention layer of `model` to SDPA or the formula written out (faster under bf16 on a CPU)."""
     for m in model.modules():
         if isinstance(m, Attention):
             m.manual = on
@@ -126,8 +106,7 @@ def use_manual_attention(model, on):
 class MLP(nn.Module):
     def __init__(self, dim, ratio=4):
         super().__init__()
-        self.fc = nn.Linear(dim, ratio * dim)
-        self.proj = nn.Linear(ratio * dim, dim)
+        self.fc, self.proj = nn.Linear(dim, ratio * dim), nn.Linear(ratio * dim, dim)
 
     def forward(self, x):
         # exact (erf) GELU: on CPU the tanh approximation is the slower one, on GPU either is cheap
@@ -145,14 +124,11 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 class DiTBlock(nn.Module):
-    """DiT block with adaLN-Zero: the conditioning c (time + flags) sets a shift, scale and gate
-    for each sub-layer. The gates start at zero, so every block starts as the identity."""
+    """DiT block, adaLN-Zero: c (time + flag) sets a shift, scale and gate per sub-layer; zero gates: identity."""
     def __init__(self, dim, n_head):
         super().__init__()
-        self.ln1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, n_head)
-        self.ln2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = MLP(dim)
+        self.ln1, self.attn = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6), Attention(dim, n_head)
+        self.ln2, self.mlp = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6), MLP(dim)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c):
@@ -185,52 +161,39 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_embedding(t, self.freq_dim))
 
 def init_weights(model):
-    """All special initialisation of the project lives here.
-    - Linear: xavier-uniform, zero bias (DiT); Embedding / learned tokens: N(0, 0.02) (GPT-2).
-    - adaLN-Zero: the modulation Linear of every DiTBlock and FinalLayer, and the final output
-      Linear, start at zero, so the flow transformer starts as 'predict velocity 0' and each block
-      as the identity; the network grows into its residual branches."""
+    """All special init: Linear xavier-uniform, zero bias (DiT); Embedding and learned tokens N(0, 0.02) (GPT-2);
+    adaLN-Zero: adaLN modulations and the final output at zero (velocity 0, each block the identity)."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+            nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
     for name, p in model.named_parameters():
-        if name.endswith("_tokens") or name.endswith("_pos"):
+        if name.endswith(("_tokens", "_pos")):
             nn.init.normal_(p, std=0.02)
     for m in model.modules():
         if isinstance(m, (DiTBlock, FinalLayer)):
-            nn.init.zeros_(m.ada[-1].weight)
-            nn.init.zeros_(m.ada[-1].bias)
-        if isinstance(m, FinalLayer):
-            nn.init.zeros_(m.out.weight)
-            nn.init.zeros_(m.out.bias)
+            for layer in (m.ada[-1], m.out) if isinstance(m, FinalLayer) else (m.ada[-1],):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
 def param_count(module):
     return sum(p.numel() for p in module.parameters())
 
 def transformer_flops(tokens, width, depth):
-    """Forward matmul FLOPs of `depth` transformer blocks over `tokens` tokens, per sample:
-    qkv 6TD^2 + out 2TD^2 + MLP 16TD^2, plus attention scores and mixing 4T^2D (2 per multiply-add)."""
+    """Forward matmul FLOPs per sample of `depth` blocks over T tokens: qkv, out, MLP 24TD^2; attention 4T^2D."""
     return depth * (24 * tokens * width ** 2 + 4 * tokens ** 2 * width)
 
 # -----------------------------------------------------------------------------
 # 1-D image tokenizer (TiTok-style, continuous KL variant)
 #
-# encoder: patches (N = (S/p)^2 tokens) ; K learned latent tokens  -> ViT -> keep the K latent
-#          outputs -> mean, logvar (K x C) -> sample z
-# decoder: one shared mask token per patch (+ 2-D positions) ; Linear(z) [; caption tokens] -> ViT
-#          -> pixels
-# The K latent tokens form a 1-D sequence with no grid of their own: each can describe any part of
-# the image, which is what makes K as small as the text length possible.
-# FlowTok's decoder is text-aware (TA-TiTok's): it also reads the caption, so the latent need not
-# spell out what the words already say ("diamond": sharp corners), and at sampling time the prompt
-# itself helps draw the flow's output. A share of training captions is hidden from it, so it still
-# decodes with no caption, and can be guided towards the caption like a CFG model (decode's
-# guidance). The latent then keeps less of the shapes, so image -> text checks the flow's reading
-# with this decoder (caption_candidates, in the last part). text_aware=False: image-only.
+# encoder: patches (N = (S/p)^2) ; K learned latent tokens -> ViT -> K latent outputs -> mean, logvar (K x C)
+# decoder: a shared mask token per patch (+ 2-D positions) ; Linear(z) [; caption tokens] -> ViT -> pixels
+# The K latent tokens have no grid: each can describe any part of the image, so K can be as small as the text.
+# The decoder is text-aware (TA-TiTok's, as FlowTok's): it also reads the caption, so the latent need not
+# spell out what the words say ("diamond": sharp corners). Captions hidden in training (text_drop) let it
+# decode without one, and be guided towards the caption like a CFG model (decode).
 
 @dataclass
 class TokenizerConfig:
@@ -255,62 +218,49 @@ class TokenizerConfig:
         check_multiple(self, "width", 4, "4")  # sincos_2d: a sin and a cos for the row and for the column
 
 def max3x3(x):
-    """Maximum over each pixel's 3x3 neighbourhood, as two separable passes of shifted maxima:
-    much faster on CPU than F.max_pool2d(x, 3, 1, 1), which it equals."""
+    """F.max_pool2d(x, 3, 1, 1) as two separable passes of shifted maxima: much faster on CPU."""
     x = F.pad(x, (1, 1, 1, 1), mode="replicate")
     x = torch.maximum(torch.maximum(x[..., :-2], x[..., 1:-1]), x[..., 2:])
     return torch.maximum(torch.maximum(x[..., :-2, :], x[..., 1:-1, :]), x[..., 2:, :])
 
 def edge_mask(img, tol=0.02):
-    """1 where a pixel's 3x3 neighbourhood holds more than one colour, else 0: (B, 1, S, S).
-    On flat-colour pictures this is a 2-pixel band along every outline, corners included."""
+    """(B, 1, S, S): 1 where a pixel's 3x3 neighbourhood holds more than one colour (a band along outlines)."""
     spread = max3x3(img) + max3x3(-img)  # per-channel max - min
     return (spread.amax(1, keepdim=True) > tol).float()
 
 class ImageTokenizer(nn.Module):
-    def __init__(self, cfg, vocab_size=0):
-        """vocab_size: the text tokenizer's, for a text-aware decoder (its id vocab_size means
-        "no caption")."""
+    def __init__(self, cfg, vocab_size=0):  # vocab_size: the text tokenizer's, for a text-aware decoder
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
         W, K, C, p = cfg.width, cfg.num_tokens, cfg.token_dim, cfg.patch_size
-        grid = cfg.image_size // p
-        self.register_buffer("patch_pos", sincos_2d(grid, W), persistent=False)  # (N, W)
+        self.register_buffer("patch_pos", sincos_2d(cfg.image_size // p, W), persistent=False)  # (N, W)
         # encoder
-        self.patch_embed = nn.Linear(3 * p * p, W)
-        self.latent_tokens = nn.Parameter(torch.zeros(K, W))
+        self.patch_embed, self.latent_tokens = nn.Linear(3 * p * p, W), nn.Parameter(torch.zeros(K, W))
         self.encoder = nn.Sequential(*[Block(W, cfg.n_head) for _ in range(cfg.enc_depth)])
-        self.enc_ln = nn.LayerNorm(W)
-        self.to_moments = nn.Linear(W, 2 * C)
+        self.enc_ln, self.to_moments = nn.LayerNorm(W), nn.Linear(W, 2 * C)
         # decoder
         self.mask_tokens = nn.Parameter(torch.zeros(1, W))
-        self.latent_in = nn.Linear(C, W)
-        self.latent_pos = nn.Parameter(torch.zeros(K, W))
+        self.latent_in, self.latent_pos = nn.Linear(C, W), nn.Parameter(torch.zeros(K, W))
         if cfg.text_aware:  # id vocab_size stands for "no caption"; captions are K ids, like the latent
             assert vocab_size > 0, "a text-aware tokenizer needs vocab_size (the text tokenizer's)"
-            self.text_in = nn.Embedding(vocab_size + 1, W)
-            self.text_pos = nn.Parameter(torch.zeros(K, W))
+            self.text_in, self.text_pos = nn.Embedding(vocab_size + 1, W), nn.Parameter(torch.zeros(K, W))
         self.decoder = nn.Sequential(*[Block(W, cfg.n_head) for _ in range(cfg.dec_depth)])
-        self.dec_ln = nn.LayerNorm(W)
-        self.to_pixels = nn.Linear(W, 3 * p * p)
+        self.dec_ln, self.to_pixels = nn.LayerNorm(W), nn.Linear(W, 3 * p * p)
         # Multiplies latents before the flow so they have ~unit std (set by fit_scale after training).
         self.register_buffer("scale_factor", torch.ones(()))
         init_weights(self)
 
     def flops(self, train=True):
-        """FLOPs per image: forward only (encoding for the flow stage) or a training step (3x:
-        backward costs twice the forward)."""
+        """FLOPs per image: a training step (3x the forward: backward costs twice it), or encoding only."""
         c = self.cfg
         T = (c.image_size // c.patch_size) ** 2 + c.num_tokens
         enc = transformer_flops(T, c.width, c.enc_depth)
-        if not train:
-            return enc
         dec = transformer_flops(T + c.num_tokens * c.text_aware, c.width, c.dec_depth)
-        return 3 * (enc + dec)
+        return 3 * (enc + dec) if train else enc
 
     def patchify(self, img):
-        """img (B, 3, S, S) -> (B, N, p * p * 3): p x p patches in row-major order, each flattened
-        (row, column, channel) within the patch; unpatchify is its inverse."""
+        """img (B, 3, S, S) -> (B, N, p * p * 3): p x p patches in row-major order, each flattened (row, column,
+        channel) within the patch; unpatchify is its inverse."""
         return rearrange(img, "b c (h p) (w q) -> b (h w) (p q c)", p=self.cfg.patch_size, q=self.cfg.patch_size)
 
     def unpatchify(self, x):
@@ -327,10 +277,9 @@ class ImageTokenizer(nn.Module):
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z, ids=None, guidance=0.0):
-        """z (B, K, C), caption ids (B, K) or None (no caption) -> image (B, 3, S, S), not clamped
-        (clamp for display). An image-only tokenizer ignores ids. guidance s > 0 (with a caption):
-        classifier-free guidance on the decoder, x_caption + s * (x_caption - x_none); the hidden
-        training captions (text_drop) taught it the captionless picture, as CFG's dropped labels do."""
+        """z (B, K, C), caption ids (B, K) or None (no caption; an image-only tokenizer ignores ids) -> image
+        (B, 3, S, S), not clamped. guidance s > 0: CFG on the decoder, x_caption + s * (x_caption - x_none);
+        the hidden training captions (text_drop) taught it the captionless picture, as CFG's dropped labels do."""
         B, N = z.shape[0], self.patch_pos.shape[0]
         masks = (self.mask_tokens + self.patch_pos).expand(B, N, -1)  # (B, N, W)
         x = [masks, self.latent_in(z) + self.latent_pos]
@@ -346,16 +295,14 @@ class ImageTokenizer(nn.Module):
         return img
 
     def forward(self, img, ids=None):
-        """Reconstruction + KL loss on a batch of images and their caption ids (B, K); returns
-        (loss, stats)."""
+        """Reconstruction + KL loss on images and their caption ids (B, K) -> (loss, stats)."""
         mean, logvar = self.encode(img)
         if ids is not None and self.cfg.text_aware:  # hide some captions: "no caption" is id vocab_size
             hide = torch.rand(ids.shape[0], 1, device=ids.device) < self.cfg.text_drop
             ids = ids.masked_fill(hide, self.vocab_size)
         recon = self.decode(gaussian_sample(mean, logvar), ids)
-        # MSE, not L1: tried here, L1 sat at the blank white image (its median pixel) for 1400+ steps.
-        # Weighted towards outlines: a blurred corner costs few pixels of MSE but turns a small
-        # diamond into a circle, and most of the picture is flat colour that is learned early.
+        # MSE, not L1 (tried: it sat at the blank white image, its median pixel, for 1400+ steps), weighted
+        # towards outlines: a blurred corner costs little MSE but turns a small diamond into a circle.
         err = (recon - img).pow(2)
         w = self.pixel_weights(img)  # (B, 1, S, S)
         rec = (w * err).mean() / w.mean()
@@ -367,8 +314,7 @@ class ImageTokenizer(nn.Module):
 
     @torch.no_grad()
     def latents(self, img, sample=True):
-        """Images -> flow-space latents (B, K, C): a posterior sample (FlowTok re-samples each step),
-        times the scale factor."""
+        """Images -> flow-space latents (B, K, C): a posterior sample (or the mean), times the scale factor."""
         mean, logvar = self.encode(img)
         return (gaussian_sample(mean, logvar) if sample else mean) * self.scale_factor
 
@@ -379,8 +325,7 @@ class ImageTokenizer(nn.Module):
 
     @torch.no_grad()
     def redraw_error(self, img, z, ids):
-        """Per picture (B,): the edge-weighted squared error of the picture the decoder draws from
-        flow-space latents z and caption ids against img. Image -> text ranks captions by it."""
+        """(B,): edge-weighted squared error of the decoder's redraw of img from latents z and caption ids."""
         return (self.pixel_weights(img) * (self.images(z, ids) - img).pow(2)).flatten(1).sum(1)
 
     @torch.no_grad()
@@ -393,8 +338,8 @@ class ImageTokenizer(nn.Module):
 # -----------------------------------------------------------------------------
 # Text side, part 1: a byte-level BPE on tiktoken, trained in seconds on the captions
 #
-# FlowTok reads captions with a frozen CLIP text tower. Nothing pretrained is available offline,
-# so we train the whole text side from scratch, starting from tiktoken tokens.
+# FlowTok reads captions with a frozen CLIP text tower. Nothing pretrained is available offline, so we
+# train the whole text side from scratch, starting from tiktoken tokens.
 
 # A split pattern that Python's `re` (used to train) and tiktoken (used to encode) read the same way.
 SPLIT_PATTERN = r"""'(?:s|t|re|ve|m|ll|d)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
@@ -403,9 +348,7 @@ PAD = "<|pad|>"
 GPT2_CACHE_FILES = ("6d1cbeee0f20b3d9449abfede4726ed8212e3aee", "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6")
 
 def train_bpe(texts, vocab_size):
-    """Byte-level BPE: start from the 256 bytes, repeatedly merge the most frequent adjacent pair.
-    Each distinct pre-split word is processed once, weighted by its count, which makes this cheap
-    (the shapes world has a few dozen distinct words). Stops early when no pair occurs twice."""
+    """Byte-level BPE: from the 256 bytes, merge the most frequent adjacent pair (each distinct word once)."""
     words = Counter(w.encode("utf-8") for text in texts for w in re.findall(SPLIT_PATTERN, text))
     pieces = {w: [bytes([b]) for b in w] for w in words}
     ranks = {bytes([i]): i for i in range(256)}
@@ -420,27 +363,19 @@ def train_bpe(texts, vocab_size):
         if n < 2:
             break
         ranks[a + b] = len(ranks)
-        for w, ps in pieces.items():
-            i, merged = 0, []
-            while i < len(ps):
-                if i + 1 < len(ps) and ps[i] == a and ps[i + 1] == b:
-                    merged.append(a + b)
-                    i += 2
+        for w, ps in pieces.items():  # left to right, as tiktoken merges
+            merged = []
+            for p in ps:
+                if merged and merged[-1] == a and p == b:
+                    merged[-1] = a + b
                 else:
-                    merged.append(ps[i])
-                    i += 1
+                    merged.append(p)
             pieces[w] = merged
     return ranks
 
-def tiktoken_cache_dir():
-    return os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
-        os.path.join(tempfile.gettempdir(), "data-gym-cache")
-
 class TextTokenizer:
-    """Captions <-> (B, K) token ids, padded (or truncated, with one warning) to K tokens.
-    kind 'bpe': our own ranks, stored in the checkpoint. kind 'gpt2': tiktoken's GPT-2 BPE, only
-    when its files are already in tiktoken's cache (we never start a download: it has no timeout)."""
-
+    """Captions <-> (B, K) ids, padded (or truncated, with one warning). kind 'bpe': our ranks, kept in the
+    checkpoint; 'gpt2': tiktoken's, only if already in its cache (a download there has no timeout)."""
     def __init__(self, length, kind="bpe", ranks=None):
         import tiktoken
         self.length, self.kind, self.ranks = length, kind, ranks
@@ -449,7 +384,8 @@ class TextTokenizer:
                                          special_tokens={PAD: len(ranks)})
             self.pad_id = len(ranks)
         elif kind == "gpt2":
-            cache = tiktoken_cache_dir()
+            cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
+                os.path.join(tempfile.gettempdir(), "data-gym-cache")
             if not all(os.path.exists(os.path.join(cache, f)) for f in GPT2_CACHE_FILES):
                 raise RuntimeError(f"GPT-2 BPE files are not in tiktoken's cache ({cache}). On a machine with "
                                    "internet run: python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\" "
@@ -458,16 +394,14 @@ class TextTokenizer:
             self.pad_id = self.enc.eot_token
         else:
             raise ValueError(f"unknown text tokenizer {kind!r}: use 'bpe' or 'gpt2'")
-        self.vocab_size = self.enc.n_vocab
-        self.warned = False
+        self.vocab_size, self.warned = self.enc.n_vocab, False
         self.encode_one = functools.lru_cache(maxsize=1 << 16)(self.encode_one)  # per instance
 
     @classmethod
     def train(cls, texts, length, vocab_size=512):
         return cls(length, "bpe", train_bpe(texts, vocab_size))
 
-    def state_dict(self):
-        # hex strings: plain python types load under torch.load(weights_only=True)
+    def state_dict(self):  # ranks as hex strings: plain python types load under weights_only=True
         ranks = [t.hex() for t, _ in sorted(self.ranks.items(), key=lambda kv: kv[1])] if self.ranks else None
         return {"kind": self.kind, "length": self.length, "ranks": ranks}
 
@@ -481,8 +415,7 @@ class TextTokenizer:
         return torch.tensor([self.encode_one(t) for t in texts])
 
     def encode_one(self, text):
-        """str -> K ids. Memoised (see __init__): a flow step encodes two batches of captions drawn
-        from the few thousand the shapes world has, and a cache hit is far cheaper than tiktoken."""
+        """str -> K ids; memoised (see __init__): captions repeat, and a cache hit is far cheaper than tiktoken."""
         ids = self.enc.encode_ordinary(text)
         if not self.warned and len(ids) > self.length:
             warnings.warn(f"caption of {len(ids)} tokens truncated to {self.length} "
@@ -500,19 +433,16 @@ class TextTokenizer:
 # -----------------------------------------------------------------------------
 # Text side, part 2: variational text encoder and non-autoregressive text decoder
 #
-# The encoder turns K token embeddings into a Gaussian over the K x C text latent (CrossFlow's
-# "variational encoder"). Sampling it, rather than taking the mean, is what lets one caption
-# flow to many different images. The decoder reads a text latent back into K token ids in
-# parallel, which is what image -> text needs at its end.
+# The encoder turns K token embeddings into a Gaussian over the K x C text latent (CrossFlow's "variational
+# encoder"): sampling it, not taking the mean, lets one caption flow to many different images. The decoder
+# reads a text latent back into K token ids in parallel, as image -> text needs at its end.
 
 class TextEncoder(nn.Module):
     def __init__(self, vocab_size, K, C, width, depth, n_head):
         super().__init__()
-        self.embed = nn.Embedding(vocab_size, width)
-        self.embed_pos = nn.Parameter(torch.zeros(K, width))
+        self.embed, self.embed_pos = nn.Embedding(vocab_size, width), nn.Parameter(torch.zeros(K, width))
         self.blocks = nn.Sequential(*[Block(width, n_head) for _ in range(depth)])
-        self.ln = nn.LayerNorm(width)
-        self.to_moments = nn.Linear(width, 2 * C)
+        self.ln, self.to_moments = nn.LayerNorm(width), nn.Linear(width, 2 * C)
 
     def forward(self, ids):
         """ids (B, K) -> mean, logvar (B, K, C). No attention mask: the pads mark the length."""
@@ -523,22 +453,20 @@ class TextEncoder(nn.Module):
 class TextDecoder(nn.Module):
     def __init__(self, vocab_size, K, C, width, depth, n_head):
         super().__init__()
-        self.latent_in = nn.Linear(C, width)
-        self.latent_pos = nn.Parameter(torch.zeros(K, width))
+        self.latent_in, self.latent_pos = nn.Linear(C, width), nn.Parameter(torch.zeros(K, width))
         self.blocks = nn.Sequential(*[Block(width, n_head) for _ in range(depth)])
-        self.ln = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocab_size)
+        self.ln, self.head = nn.LayerNorm(width), nn.Linear(width, vocab_size)
 
     def forward(self, z):
         """z (B, K, C) -> logits (B, K, vocab)."""
         return self.head(self.ln(self.blocks(self.latent_in(z) + self.latent_pos)))
 
 def clip_loss(a, b, logit_scale, same=None):
-    """Symmetric InfoNCE between two (B, D) batches, row i of a belongs with row i of b: logits =
-    cosine similarities times exp(logit_scale) capped at 100, (B, B); the mean of the cross-entropies
-    of rows (a -> b) and of columns (b -> a). Returns a scalar. same (B, B) bool, optional: pairs that
-    share a caption; off the diagonal they are no negatives (logit -inf): a batch of the shapes world
-    holds many repeated captions, and pushing a caption away from its own pictures teaches nothing."""
+    """Symmetric InfoNCE between two (B, D) batches, row i of a belongs with row i of b: logits = cosine
+    similarities times exp(logit_scale) capped at 100, (B, B); the mean of the cross-entropies of rows
+    (a -> b) and of columns (b -> a). Returns a scalar. same (B, B) bool, optional: pairs that share a
+    caption; off the diagonal they are no negatives (logit -inf): a shapes-world batch repeats captions,
+    and pushing a caption away from its own pictures teaches nothing."""
     a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     logits = logit_scale.exp().clamp(max=100) * a @ b.t()  # (B, B)
     if same is not None:
@@ -583,15 +511,13 @@ class FlowConfig:
 TEXT_HEADS = 4  # attention heads of the text encoder and decoder
 
 class FlowTransformer(nn.Module):
-    """v_theta(x_t, t, null): (B, K, C) -> (B, K, C). Conditioning c = emb(t) + emb(null flag), fed
-    to every block through adaLN. No cross-attention: the text is not a condition here, it is where
-    the path starts."""
+    """v_theta(x_t, t, null): (B, K, C) -> (B, K, C), conditioned through adaLN on c = emb(t) + emb(null flag).
+    No cross-attention: the text is not a condition here, it is where the path starts."""
     def __init__(self, K, C, width, depth, n_head):
         super().__init__()
         self.x_in = nn.Linear(C, width)
         self.register_buffer("pos", sincos_1d(K, width), persistent=False)  # (K, D)
-        self.t_embed = TimestepEmbedder(width)
-        self.null_embed = nn.Embedding(2, width)  # 0: conditional, 1: "unconditional"
+        self.t_embed, self.null_embed = TimestepEmbedder(width), nn.Embedding(2, width)  # null 1: "unconditional"
         self.blocks = nn.ModuleList([DiTBlock(width, n_head) for _ in range(depth)])
         self.final = FinalLayer(width, C)
         init_weights(self)
@@ -605,10 +531,10 @@ class FlowTransformer(nn.Module):
 
 def null_roll(x1, prob, generator=None):
     """FlowTok's guidance indicator, x1 (B, K, C) -> (targets, flags (B,) long): flag ~prob of the samples
-    (uniform draw < prob, with `generator`); the flagged samples' targets are rolled by one
-    among themselves, so under the flag the model learns to flow a caption to an unrelated image (the
-    unconditional field). With fewer than two flagged there is nothing to roll. Written with fixed
-    shapes (no nonzero(), no branch on a count), so torch.compile traces the flow step as one graph."""
+    (uniform draw < prob, with `generator`); the flagged samples' targets are rolled by one among themselves,
+    so under the flag the model learns to flow a caption to an unrelated image (the unconditional field).
+    With fewer than two flagged there is nothing to roll. Fixed shapes (no nonzero(), no branch on a count):
+    torch.compile traces the flow step as one graph."""
     null = torch.rand(x1.shape[0], device=x1.device, generator=generator) < prob
     n = null.sum()
     null = null & (n >= 2)
@@ -618,45 +544,38 @@ def null_roll(x1, prob, generator=None):
     return x1[src], null.long()
 
 class FlowTok(nn.Module):
-    """Text encoder + text decoder + two flow transformers (text -> image and image -> text, as
-    FlowTok), trained jointly on (caption, image latent). vocab_size comes from the text tokenizer,
-    num_tokens (K) and token_dim (C) from the image tokenizer."""
+    """Text encoder + decoder + two flow transformers (text -> image and image -> text, as FlowTok), trained
+    jointly on (caption, image latent). vocab_size: the text tokenizer's; K, C: the image tokenizer's."""
     def __init__(self, cfg, vocab_size, num_tokens, token_dim):
         super().__init__()
-        self.cfg = cfg
-        K, C = num_tokens, token_dim
+        self.cfg, K, C = cfg, num_tokens, token_dim
         text = (vocab_size, K, C, cfg.text_width, cfg.text_depth, TEXT_HEADS)
-        self.text_encoder = TextEncoder(*text)
-        self.text_decoder = TextDecoder(*text)
-        self.flow = FlowTransformer(K, C, cfg.width, cfg.depth, cfg.n_head)
-        self.flow_i2t = FlowTransformer(K, C, cfg.width, cfg.depth, cfg.n_head)
-        # Contrastive alignment: the image latent goes through a small MLP before it is compared
-        # with the text latent, so the text latent need not copy the image latent's layout.
+        self.text_encoder, self.text_decoder = TextEncoder(*text), TextDecoder(*text)
+        self.flow, self.flow_i2t = [FlowTransformer(K, C, cfg.width, cfg.depth, cfg.n_head) for _ in range(2)]
+
+        # Contrastive alignment through a small MLP on the image side: the text latent need not copy its layout.
         self.image_proj = nn.Sequential(nn.Linear(K * C, cfg.text_width), nn.SiLU(), nn.Linear(cfg.text_width, K * C))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         init_weights(self)
 
     def flops(self):
-        """Training FLOPs per sample: flow transformer (t2i, plus the i2t share of the batch),
-        text encoder and decoder, each 3x their forward; on the i2t share also the text encoder's
-        no-grad forward and the decoder's rounding step."""
+        """Training FLOPs per sample: 3x the forward of the flow (t2i and the i2t share) and the text encoder
+        and decoder, plus on the i2t share the text encoder's no-grad forward and the rounding decode."""
         c, K = self.cfg, self.text_decoder.latent_pos.shape[0]
         flow = transformer_flops(K, c.width, c.depth)
         text = transformer_flops(K, c.text_width, c.text_depth)
         return 3 * (flow * (1 + c.i2t_frac) + 2 * text) + c.i2t_frac * 4 * text
 
     def velocity(self, x, t, direction=0, null=0):
-        """v_theta(x, t) for one direction (0: text -> image, 1: image -> text). t is a float or
-        (B,); null is 0/1 or a (B,) tensor of flags (1 asks for the unconditional field)."""
-        B = x.shape[0]
-        t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(B)
-        null = torch.as_tensor(null, device=x.device, dtype=torch.long).expand(B)
+        """v_theta(x, t) for one direction (0: text -> image, 1: image -> text). t: a float or (B,); null: 0/1
+        or (B,) flags (1 asks for the unconditional field)."""
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(x.shape[0])
+        null = torch.as_tensor(null, device=x.device, dtype=torch.long).expand(x.shape[0])
         return (self.flow_i2t if direction == 1 else self.flow)(x, t, null)
 
     def forward(self, ids, z_img, ids_i2t=None):
-        """One training step's losses. ids (B, K) caption tokens; z_img (B, K, C) image latents
-        (scaled, from the frozen tokenizer); ids_i2t (B, K): the caption the image->text flow should
-        land on (one phrasing per picture). Returns (loss, stats)."""
+        """One training step's (loss, stats). ids (B, K) caption tokens; z_img (B, K, C) scaled image latents;
+        ids_i2t (B, K): the caption the image -> text flow should land on (one phrasing per picture)."""
         cfg, B = self.cfg, ids.shape[0]
         mean, logvar = self.text_encoder(ids)
         z_txt = gaussian_sample(mean, logvar)  # the source x0; not detached: the flow trains it
@@ -670,27 +589,23 @@ class FlowTok(nn.Module):
         align = clip_loss(z_txt.flatten(1), self.image_proj(z_img.flatten(1)), self.logit_scale, same)
         rec = F.cross_entropy(self.text_decoder(z_txt).flatten(0, 1), ids.flatten())
         loss = fm + cfg.kl_weight * kl + cfg.align_weight * align + cfg.decoder_weight * rec
-        stats = {"fm": fm, "kl": kl, "align": align, "rec": rec,
-                 "spread": mean.std(0).mean()}  # how different captions' latents are; ~0 = collapse
+        # spread: how different captions' latents are; ~0 = collapse
+        stats = {"fm": fm, "kl": kl, "align": align, "rec": rec, "spread": mean.std(0).mean()}
         return loss + self.i2t_losses(z_img, ids if ids_i2t is None else ids_i2t, stats), stats
 
     def i2t_losses(self, z_img, ids, stats):
-        """Image -> text on the first i2t_frac of the batch: source the image latent, target the
-        text latent of the picture's one canonical phrasing `ids`, detached so that this loss cannot
-        move the text latents to make itself easy. The target is the latent's mean: one point per
-        caption, so the path is a plain regression that straight Euler steps follow, where a noisy
-        sample would ask the flow to invent noise the image does not hold.
-        Then the rounding loss (Diffusion-LM's L_round): read the end point the model predicts
-        from x_t, x1_hat = x_t + (1 - t) v, with the text decoder and score it against the tokens,
-        so the flow learns to land where the decoder can read and the decoder learns to read it."""
+        """Image -> text on the first i2t_frac of the batch, from the image latent to the text latent's mean for
+        the picture's one phrasing `ids`, detached (this loss must not move it to make itself easy). One end
+        point per caption makes the path a plain regression that straight Euler steps follow; a noisy sample
+        would ask the flow to invent noise the image does not hold. Then Diffusion-LM's rounding loss: the
+        text decoder reads the predicted end point x1_hat = x_t + (1 - t) v, scored against the tokens."""
         cfg = self.cfg
         n = max(1, int(z_img.shape[0] * cfg.i2t_frac))
         x0, ids = z_img[:n], ids[:n]
         with torch.no_grad():
             x1 = self.text_encoder(ids)[0]
-        # A share i2t_t0 of them at t = 0. With one end point per caption, the first Euler step from the image
-        # decides the caption, and later steps only read on from where it pointed; logit-normal t
-        # would spend the training on mid-path points where x_t already holds half the answer.
+        # A share i2t_t0 at t = 0: the first Euler step from the image decides the caption, later steps only
+        # read on; logit-normal t would train mid-path, where x_t already holds half the answer.
         t = sample_t(n, ids.device) * (torch.rand(n, device=ids.device) >= cfg.i2t_t0)
         x_t = interpolate(x0, x1, t)
         v = self.velocity(x_t, t, direction=1)
@@ -699,25 +614,19 @@ class FlowTok(nn.Module):
         stats["round"] = F.cross_entropy(self.text_decoder(x1_hat).flatten(0, 1), ids.flatten())
         return cfg.i2t_weight * stats["i2t"] + cfg.round_weight * stats["round"]
 
-    # --- sampling -------------------------------------------------------------------------
-
     @torch.no_grad()
     def generate(self, ids, steps, guidance, from_mean=False, generator=None, trace=None):
-        """Caption ids (B, K) -> image latents (B, K, C) by Euler integration from t=0 to t=1
-        (trace: see euler)."""
+        """Caption ids (B, K) -> image latents (B, K, C), Euler from t=0 to t=1 (trace: see euler)."""
         mean, logvar = self.text_encoder(ids)
         x0 = mean if from_mean else gaussian_sample(mean, logvar, generator)
         return euler(lambda x, t: guided(self, x, t, guidance), x0, steps, trace=trace)
 
     @torch.no_grad()
     def caption_logits(self, z_img, steps, inverse=False):
-        """Image latents (B, K, C) -> the text decoder's logits (B, K, vocab) at the end of the
-        image -> text path. inverse integrates the text -> image field backwards from t=1 to t=0
-        instead, ignoring the image -> text transformer (a baseline: it reads far worse)."""
-        if inverse:
-            z_txt = euler(lambda x, t: self.velocity(x, t, direction=0), z_img, steps, 1.0, 0.0)
-        else:
-            z_txt = euler(lambda x, t: self.velocity(x, t, direction=1), z_img, steps)
+        """Image latents (B, K, C) -> text decoder logits (B, K, vocab) at the end of the image -> text path.
+        inverse: the text -> image field backwards from t=1 to t=0 instead (a baseline: it reads far worse)."""
+        direction, t_start, t_end = (0, 1.0, 0.0) if inverse else (1, 0.0, 1.0)
+        z_txt = euler(lambda x, t: self.velocity(x, t, direction=direction), z_img, steps, t_start, t_end)
         return self.text_decoder(z_txt)
 
 # -----------------------------------------------------------------------------
@@ -792,9 +701,8 @@ PRESETS = {
 }
 
 def parse_settings(parser, sections, argv=None):
-    """Settings from the dataclass defaults, then the preset's overrides, then the command line.
-    sections: {flag prefix: (dataclass, title)}; one of them has the 'preset' field. Returns
-    ({prefix: config}, the command line's own {flag: value})."""
+    """Defaults, then the preset's overrides, then the command line. sections: {flag prefix: (dataclass,
+    title)}, one with the 'preset' field. -> ({prefix: config}, the command line's own {flag: value})."""
     for prefix, (cls, title) in sections.items():
         add_fields(parser, cls, prefix, title)
     cli = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
@@ -806,15 +714,14 @@ def parse_settings(parser, sections, argv=None):
     settings = {**PRESETS[preset], **cli, "preset": preset}
     configs = {}
     for prefix, (cls, _) in sections.items():
-        names = {f.name for f in dataclasses.fields(cls)}
-        mine = {k[len(prefix):]: v for k, v in settings.items() if k.startswith(prefix) and k[len(prefix):] in names}
+        mine = {f.name: settings[prefix + f.name] for f in dataclasses.fields(cls) if prefix + f.name in settings}
         configs[prefix] = build_config(cls, mine, prefix, parser)
+
     return configs, cli
 
 def check_ranges(cfg, positive=(), shares=()):
-    """Every number in a config is >= 0; those named in `positive` are >= 1 (whole numbers) or > 0;
-    `shares` lie in [0, 1]. A ValueError starting with the field's name otherwise (the command lines
-    print it after the flag's prefix)."""
+    """Every number in a config is >= 0; those in `positive` are >= 1 (whole numbers) or > 0; `shares` lie
+    in [0, 1]. Else a ValueError starting with the field's name (the command lines add the flag's prefix)."""
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -831,11 +738,9 @@ def check_multiple(cfg, name, of, what):
         raise ValueError(f"{name} must be a multiple of {what} ({of}), not {getattr(cfg, name)}")
 
 def str2bool(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
+    if s.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
+    return s.lower() in ("1", "true", "yes", "on")
 
 def field_help(cls):
     """The comment after each field of a config dataclass, with its continuation lines: its --help."""
@@ -850,8 +755,7 @@ def field_help(cls):
     return helps
 
 def add_fields(parser, cls, prefix, title):
-    """One flag per dataclass field, --prefix.name=value (booleans also bare: --name). Every flag's
-    default is None, so what the command line set can be told from what it did not."""
+    """One flag per field, --prefix.name=value (booleans also bare); default None, to tell what the user set."""
     group = parser.add_argument_group(title)
     helps = field_help(cls)
     for f in dataclasses.fields(cls):
@@ -875,9 +779,8 @@ def pick_device(name="auto"):
 
 @functools.cache
 def cpu_bf16_is_faster():
-    """Whether this CPU multiplies bf16 matrices clearly faster than fp32, measured at the flow's
-    sizes (a fraction of a second, once). CPUs with AMX or AVX512-BF16 do; others emulate bf16 and
-    are far slower in it, so a capability flag alone would guess wrong on some machines."""
+    """Whether this CPU multiplies bf16 matrices clearly faster than fp32, measured once at the flow's sizes:
+    CPUs with AMX or AVX512-BF16 do, others emulate bf16 (a capability flag would guess wrong on some)."""
     pairs = {dtype: (torch.randn(2048, 256, dtype=dtype), torch.randn(256, 1024, dtype=dtype))
              for dtype in (torch.float32, torch.bfloat16)}
     best = {dtype: math.inf for dtype in pairs}
@@ -889,9 +792,8 @@ def cpu_bf16_is_faster():
     return best[torch.bfloat16] < 0.5 * best[torch.float32]  # a wide margin, again against noise
 
 def mixed_precision(dev, bf16=None, fp16=True):
-    """-> (bf16, fp16, autocast context, GradScaler). bf16=None: on where it is faster, i.e. on CUDA
-    with bf16 support and on CPUs where cpu_bf16_is_faster. GPUs without bf16 use fp16 (unless
-    fp16=False), with a GradScaler against gradient underflow."""
+    """-> (bf16, fp16, autocast context, GradScaler). bf16=None: on where faster (CUDA with bf16 support, CPUs
+    where cpu_bf16_is_faster). GPUs without bf16 use fp16 (unless fp16=False) with a GradScaler."""
     if bf16 is None:
         bf16 = torch.cuda.is_bf16_supported() if dev.type == "cuda" else dev.type == "cpu" and cpu_bf16_is_faster()
     fp16 = dev.type == "cuda" and not bf16 and fp16
@@ -899,8 +801,7 @@ def mixed_precision(dev, bf16=None, fp16=True):
     return bf16, fp16, ctx, torch.amp.GradScaler(dev.type, enabled=fp16)
 
 def make_optimizer(model, lr, weight_decay, dev):
-    """AdamW, decaying only matrices (not biases, norms); the fused kernel on CUDA and on the CPU,
-    where it beats plain AdamW's per-tensor loop with the same results."""
+    """AdamW, decaying only matrices (not biases, norms); fused on CUDA and CPU (same results, faster)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -910,29 +811,25 @@ class CheckpointError(Exception):
     pass
 
 def save_checkpoint(state, out_dir, name="ckpt.pt"):
-    """Write to a temp file, flush it to disk, then rename over the old one: a crash or kill -9 at
-    any moment leaves either the previous checkpoint or the new one, never half of one."""
+    """Write a temp file, fsync, rename it over the old one: a crash at any moment leaves the old or the new."""
     path = os.path.join(out_dir, name)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with open(path + ".tmp", "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(path + ".tmp", path)
 
 def load_checkpoint(path, device="cpu"):
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}: train first: python train.py")
     try:
-        # weights_only: a checkpoint is data, never code to run
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True)  # a checkpoint is data, never code
     except Exception as e:
         raise CheckpointError(f"cannot read {path} as a nano FlowTok checkpoint ({type(e).__name__}); "
                               "it is damaged or not one of ours: retrain or pick another --ckpt") from None
 
 def saved_config(cls, state, key, path):
-    """A config dataclass from a checkpoint; settings this version does not know, or that the
-    checkpoint lacks, are a one-line error."""
+    """A config dataclass from a checkpoint; settings unknown to this version, or missing, are an error."""
     d = state.get(key) or {}
     names = {f.name for f in dataclasses.fields(cls)}
     for what, keys in (("unknown", set(d) - names), ("missing", names - set(d))):
@@ -994,14 +891,10 @@ def pick_tokens(logits, generator=None):
 
 @torch.no_grad()
 def caption_candidates(tokenizer, model, img, n, steps=1, inverse=False, generator=None, margin=math.inf):
-    """Image -> text with a check FlowTok does not have: images (B, 3, S, S) -> n candidate
-    captions per image (B, n, K), best first. Candidate 0 is the text decoder's most likely tokens;
-    the others are drawn from its distribution (by default the same draws for every call). A
-    text-aware tokenizer then ranks them by how well its decoder redraws the picture from the latent
-    and the caption: it was trained to take from the words what the latent leaves out (mostly the
-    shapes), so a wrong word draws a wrong picture. An image-only tokenizer cannot tell them apart:
-    they keep that order. Candidates more than `margin` nats less likely than the likeliest are
-    ranked last: a redraw that happens to fit must not outvote a reading the decoder is sure of."""
+    """Image -> text with a check FlowTok lacks: images (B, 3, S, S) -> n captions each (B, n, K), best first:
+    the likeliest, then draws (the same each call by default). A text-aware decoder ranks them by how well it
+    redraws the picture from latent and caption (a wrong word draws a wrong shape); captions over `margin`
+    nats less likely than the likeliest rank last, so a lucky redraw cannot outvote a sure reading."""
     z = tokenizer.latents(img, sample=False)
     logits = model.caption_logits(z, steps, inverse)  # (B, K, vocab)
     generator = generator or torch.Generator(img.device).manual_seed(0)

@@ -674,8 +674,8 @@ class SampleConfig:
     def __post_init__(self):
         check_ranges(self, positive=("steps", "i2t_steps", "candidates"))
 
-# Named presets, each a few overrides of the defaults by flag name. 'cpu' is the defaults: a 2-core
-# CPU in 25-30 minutes where bf16 is fast. train.py picks 'gpu' on CUDA, 'cpu' elsewhere.
+# Named presets, each a few overrides of the defaults by flag name. 'cpu' is the defaults, sized for a
+# 2-core CPU (its minutes are in the README). train.py picks 'gpu' on CUDA, 'cpu' elsewhere.
 PRESETS = {
     "cpu": {},
     "gpu": {"tokenizer_steps": 6000, "tokenizer_batch": 128, "tokenizer_lr": 1e-3, "flow_steps": 8000,

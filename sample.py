@@ -41,16 +41,15 @@ def sweep(tokenizer, model, bpe, s, ckpt_dir, n, split):
     check's margin, and accuracy vs training minutes (from evals.jsonl): tables, and charts in ckpt_dir."""
     dev, all_steps, guidances, t2i, i2t = tokenizer.scale_factor.device, (1, 2, 4, 8, 20), (1.0, 2.0, 3.0), {}, {}
     seen = ("seen overall", "held-out overall", "seen single", "seen relation", "seen count")
+    cells = lambda a, held: (a["overall"], held["overall"], a["single"], a["relation"], a["count"])  # seen's columns
     table(f"text -> image judge accuracy, {split} prompts, {n} per family and split, source: "
           f"{'text-latent mean' if s.from_mean else 'text-latent sample'}", "steps", "guidance", *seen)
     for steps in all_steps:
         for guidance in guidances:
             r = data.evaluate(tokenizer, model, bpe, dataclasses.replace(s, steps=steps, guidance=guidance), n,
                               split, directions=("t2i",))
-            a = r["t2i_seen"]
-            t2i[steps, guidance] = a["overall"]
-            row(steps, f"{guidance:g}", a["overall"], r["t2i_heldout"]["overall"], a["single"], a["relation"],
-                a["count"])
+            t2i[steps, guidance] = r["t2i_seen"]["overall"]
+            row(steps, f"{guidance:g}", *cells(r["t2i_seen"], r["t2i_heldout"]))
 
     def i2t_accuracy(s, soft=False):  # {seen, heldout: accuracy} of the captions read from the split's renders
         acc = {}
@@ -65,9 +64,8 @@ def sweep(tokenizer, model, bpe, s, ckpt_dir, n, split):
           f"best of {s.candidates} candidate captions", "steps", *seen)
     for steps in all_steps:
         acc = i2t_accuracy(dataclasses.replace(s, i2t_steps=steps))
-        a = acc["seen"]
-        i2t[steps] = a["overall"]
-        row(steps, a["overall"], acc["heldout"]["overall"], a["single"], a["relation"], a["count"])
+        i2t[steps] = acc["seen"]["overall"]
+        row(steps, *cells(acc["seen"], acc["heldout"]))
     table(f"\nimage -> text exact-caption accuracy vs the check's margin (nats below the likeliest caption), "
           f"{split} pictures of the world's renderer and of the soft one, {s.i2t_steps} Euler step(s)",
           "check margin", "seen", "held-out", "seen, soft renders", "held-out, soft renders")

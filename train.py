@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -37,8 +38,7 @@ class TrainConfig:
     resume: bool = False          # continue from out_dir/ckpt.pt
     data: str = ""                # your captioned images (imagefolder, .txt or COCO); empty: the shapes world
     image_root: str = ""          # COCO: the image folder, when it is not found next to the annotations
-    latent_cache: bool = False    # --data: encode the images once (out_dir/latents.npy, memory-mapped),
-                                  # and train the flow on that
+    latent_cache: bool = False    # --data: train the flow on images encoded once (out_dir/latents.npy, memory-mapped)
     latent_pool: int = 40000      # shapes world: the flow trains on this many pictures encoded once
                                   # (0: render and encode every batch, which costs a CPU much of a flow step)
     hold_out: bool = True         # shapes world: keep the four held-out colour-shape pairs out of training
@@ -164,10 +164,8 @@ def lr_at(step, total, peak, tc):
     """Warm-up, constant, then a linear cool-down over the last `cooldown` fraction of the run."""
     if step < tc.warmup:
         return peak * (step + 1) / tc.warmup
-    cool_start = int(total * (1 - tc.cooldown))
-    if step >= cool_start:
-        return peak * max(0.0, (total - step) / max(1, total - cool_start))
-    return peak
+    cool_start = int(total * (1 - tc.cooldown))  # before it the factor is over 1: peak
+    return peak * min(1.0, max(0.0, (total - step) / max(1, total - cool_start)))
 
 def rng_state(dev):
     """The random generators' states for an exact resume: the CPU's, and on CUDA every GPU's (t, the
@@ -244,15 +242,6 @@ def fit(run, tc, stage, model, loss_fn, steps, batch, lr, flops_per_sample, stat
         sys.exit(130)
     state[f"{stage}_seconds"] = time.time() - t_start
 
-def make_world(tc, tokenizer_cfg, run):
-    """The training stream: the shapes world or --data, each DDP rank its own (seeded by rank)."""
-    if not tc.data:
-        return data.ShapesWorld(tokenizer_cfg.image_size, hold_out=tc.hold_out, seed=tc.seed + run.rank, device=run.dev)
-    try:
-        return data.open_dataset(tc.data, tokenizer_cfg.image_size, tc.seed + run.rank, run.dev, tc.image_root or None)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-
 def peek(world, n):
     """n training pairs without advancing the stream, so that looking never changes what a resumed run sees."""
     saved = world.state_dict()
@@ -328,27 +317,9 @@ def train_flow(run, tc, sample_cfg, tokenizer, model, ema, bpe, world, state):
 
 def grid_prompts(tokenizer, model, bpe, sample_cfg, tc, path, world, n=16):
     """A grid of samples: fixed shapes-world prompts (seen and held-out), or your data's captions."""
-    if tc.data:
-        prompts = peek(world, n)[1]
-    else:
-        specs = (data.eval_specs("seen", n // 4, "grid") + data.eval_specs("heldout", n // 4, "grid"))[:n]
-        prompts = [data.caption(s) for s in specs]
+    specs = (data.eval_specs("seen", n // 4, "grid") + data.eval_specs("heldout", n // 4, "grid"))[:n]
+    prompts = peek(world, n)[1] if tc.data else [data.caption(s) for s in specs]
     data.save_grid(ft.text_to_image(tokenizer, model, bpe, prompts, sample_cfg), prompts, path)
-
-def check_same_model(cli, state, path):
-    """--resume with a model setting that differs from the checkpoint's is a one-line error."""
-    saved = {f"{part}.{k}": v for part in ("tokenizer", "flow") for k, v in state.get(f"{part}_cfg", {}).items()}
-    for key, value in cli.items():
-        if key in saved and saved[key] != value:
-            sys.exit(f"error: {path} was trained with --{key}={saved[key]}, not {value}: "
-                     "drop the flag to resume it, or train anew in another --out_dir")
-
-def check_ranks_in_sync(run, *models):
-    """DDP keeps replicas identical; verify it once at the end (an all-gather of weight checksums)."""
-    flat = torch.cat([v.detach().flatten().double() for m in models for v in m.state_dict().values()])
-    sums = [torch.zeros(2, dtype=torch.float64, device=flat.device) for _ in range(run.world_size)]
-    torch.distributed.all_gather(sums, torch.stack([flat.sum(), flat.pow(2).sum()]))
-    run.print(f"DDP: weights identical on all {run.world_size} ranks: {all(torch.equal(sums[0], x) for x in sums)}")
 
 # -----------------------------------------------------------------------------
 
@@ -369,20 +340,28 @@ def main(argv=None):
     for name in ("evals.jsonl", "log.jsonl"):  # a fresh run starts a fresh record
         if run.master and not tc.resume and os.path.exists(os.path.join(tc.out_dir, name)):
             os.remove(os.path.join(tc.out_dir, name))
-    if tc.resume:
-        check_same_model(cli, state, path)
+    if tc.resume:  # a model setting that differs from the checkpoint's is a one-line error
+        saved = {f"{part}.{k}": v for part in ("tokenizer", "flow") for k, v in state.get(f"{part}_cfg", {}).items()}
+        for key, value in cli.items():
+            if key in saved and saved[key] != value:
+                sys.exit(f"error: {path} was trained with --{key}={saved[key]}, not {value}: "
+                         "drop the flag to resume it, or train anew in another --out_dir")
         tokenizer_cfg = ft.saved_config(ft.TokenizerConfig, state, "tokenizer_cfg", path)
-        if state.get("flow_cfg"):
-            flow_cfg = ft.saved_config(ft.FlowConfig, state, "flow_cfg", path)
+        flow_cfg = ft.saved_config(ft.FlowConfig, state, "flow_cfg", path) if state.get("flow_cfg") else flow_cfg
         if state.get("sample_cfg"):  # the checkpoint's sampling settings, unless the command line sets them
             flags = {k[len("sample."):]: v for k, v in cli.items() if k.startswith("sample.")}
             sample_cfg = dataclasses.replace(ft.saved_config(ft.SampleConfig, state, "sample_cfg", path), **flags)
         run.print(f"resuming from {path}: stage {state['stage']}, step {state['step']}")
         if run.master:
             trim_log(os.path.join(tc.out_dir, "log.jsonl"), state["stage"], state["step"])
-    world = make_world(tc, tokenizer_cfg, run)
     if tc.latent_cache and not tc.data:
         sys.exit("error: --latent_cache needs --data: the shapes world is an endless stream, nothing to cache")
+    seed = tc.seed + run.rank  # the training stream: each DDP rank its own
+    try:
+        world = (data.open_dataset(tc.data, tokenizer_cfg.image_size, seed, run.dev, tc.image_root or None) if tc.data
+                 else data.ShapesWorld(tokenizer_cfg.image_size, hold_out=tc.hold_out, seed=seed, device=run.dev))
+    except ValueError as e:  # --data that cannot be read
+        sys.exit(f"error: {e}")
     if state.get("world") and state.get("data", "") == tc.data:
         world.load_state_dict(state["world"])
     elif state.get("world"):  # e.g. a tokenizer trained on the shapes world, continued on your images
@@ -390,12 +369,9 @@ def main(argv=None):
                   f"continuing on {tc.data or 'the shapes world'} from the start of its data order")
     # The text tokenizer first (the image tokenizer's decoder reads captions too): the checkpoint's,
     # or a BPE trained on a sample of the training captions (seconds), or GPT-2's from tiktoken's cache.
-    if state.get("bpe"):
-        bpe = ft.TextTokenizer.from_state_dict(state["bpe"])
-    elif tc.text_tokenizer == "bpe":
-        bpe = ft.TextTokenizer.train(world.captions(), tokenizer_cfg.num_tokens, tc.bpe_vocab)
-    else:
-        bpe = ft.TextTokenizer(tokenizer_cfg.num_tokens, tc.text_tokenizer)
+    bpe = (ft.TextTokenizer.from_state_dict(state["bpe"]) if state.get("bpe") else
+           ft.TextTokenizer(tokenizer_cfg.num_tokens, tc.text_tokenizer) if tc.text_tokenizer != "bpe" else
+           ft.TextTokenizer.train(world.captions(), tokenizer_cfg.num_tokens, tc.bpe_vocab))
     tokenizer = run.build(ft.ImageTokenizer(tokenizer_cfg, bpe.vocab_size))
     run.print(f"image tokenizer: {ft.param_count(tokenizer) / 1e6:.2f}M parameters, "
               f"{tokenizer_cfg.num_tokens} x {tokenizer_cfg.token_dim} latent")
@@ -426,31 +402,29 @@ def main(argv=None):
     run.print(f"text tokenizer: {bpe.kind}, vocab {bpe.vocab_size}; flow model: "
               f"{ft.param_count(model.flow) / 1e6:.2f}M flow transformer, {ft.param_count(model) / 1e6:.2f}M in all")
     train_flow(run, tc, sample_cfg, tokenizer, model, ema, bpe, world, state)  # at once if already at flow_steps
-    if run.ddp:
-        check_ranks_in_sync(run, tokenizer, model)
+    if run.ddp:  # DDP keeps replicas identical; verify it once at the end (an all-gather of weight checksums)
+        flat = torch.cat([v.detach().flatten().double() for m in (tokenizer, model) for v in m.state_dict().values()])
+        sums = [torch.zeros(2, dtype=torch.float64, device=flat.device) for _ in range(run.world_size)]
+        torch.distributed.all_gather(sums, torch.stack([flat.sum(), flat.pow(2).sum()]))
+        run.print(f"DDP: weights identical on all {run.world_size} ranks: {all(torch.equal(sums[0], x) for x in sums)}")
     run.print(f"flow stage done; {(time.time() - t0) / 60:.1f} min so far")
-    if run.master:
-        final_report(tc, sample_cfg, tokenizer, ema, bpe, world, t0)
+    if run.master:  # the sample grid and the report on the test prompts (never used to choose a setting)
+        path = os.path.join(tc.out_dir, "samples_final.png")
+        grid_prompts(tokenizer, ema, bpe, sample_cfg, tc, path, world)
+        if tc.data:  # no judge for free text: a few pictures' reconstructions and captions
+            img, caps, _ = peek(world, 8)
+            res = data.evaluate_tokenizer(tokenizer, 0, bpe, img, caps, sample_cfg.dec_guidance)
+            for truth, said in zip(caps, ft.image_to_text(tokenizer, ema, bpe, img, sample_cfg)):
+                print(f"image -> text: {said!r} (its caption: {truth!r})")
+        else:
+            res = {**data.evaluate_tokenizer(tokenizer, tc.final_prompts, bpe, guidance=sample_cfg.dec_guidance,
+                                             split="test", hold_out=tc.hold_out),
+                   **data.evaluate(tokenizer, ema, bpe, sample_cfg, tc.final_prompts, "test", hold_out=tc.hold_out)}
+        with open(os.path.join(tc.out_dir, "report.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        print("final report (test prompts):\n" + data.report(res, multiline=True))
+        print(f"sample grid: {path}\ntotal time {(time.time() - t0) / 60:.1f} min")
     plot_losses(run, tc.out_dir)
-
-def final_report(tc, sample_cfg, tokenizer, ema, bpe, world, t0):
-    """The sample grid and the report on the test prompts (never used to choose a setting); on --data, a few
-    pictures' reconstructions and captions."""
-    path = os.path.join(tc.out_dir, "samples_final.png")
-    grid_prompts(tokenizer, ema, bpe, sample_cfg, tc, path, world)
-    if tc.data:  # no judge for free text
-        img, caps, _ = peek(world, 8)
-        res = data.evaluate_tokenizer(tokenizer, 0, bpe, img, caps, sample_cfg.dec_guidance)
-        for truth, said in zip(caps, ft.image_to_text(tokenizer, ema, bpe, img, sample_cfg)):
-            print(f"image -> text: {said!r} (its caption: {truth!r})")
-    else:
-        res = {**data.evaluate_tokenizer(tokenizer, tc.final_prompts, bpe, guidance=sample_cfg.dec_guidance,
-                                         split="test", hold_out=tc.hold_out),
-               **data.evaluate(tokenizer, ema, bpe, sample_cfg, tc.final_prompts, "test", hold_out=tc.hold_out)}
-    with open(os.path.join(tc.out_dir, "report.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    print("final report (test prompts):\n" + data.report(res, multiline=True))
-    print(f"sample grid: {path}\ntotal time {(time.time() - t0) / 60:.1f} min")
 
 STAGES = ("tokenizer", "flow")
 
@@ -471,10 +445,7 @@ def plot_losses(run, out_dir):
     charts = [data.line_chart({k: ([r["step"] for r in mine], [r[k] for r in mine]) for k in mine[0] if k not in
                                ("stage", "step")}, title=f"{stage} stage: the training log", xlabel="step", logy=True)
               for stage in STAGES if (mine := [r for r in rows if r["stage"] == stage])]
-    out = Image.new("RGB", (charts[0].width, sum(c.height for c in charts)), "white")
-    for i, c in enumerate(charts):
-        out.paste(c, (0, i * c.height))
-    out.save(os.path.join(out_dir, "losses.png"))
+    Image.fromarray(np.concatenate([np.asarray(c) for c in charts])).save(os.path.join(out_dir, "losses.png"))
     print(f"loss curves: {os.path.join(out_dir, 'losses.png')}")
 
 if __name__ == "__main__":

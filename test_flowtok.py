@@ -1245,13 +1245,14 @@ def test_every_preset_builds_at_its_real_size_and_counts_its_flops(monkeypatch, 
 
 def test_gpu_preset_trains_one_step_of_each_stage_on_cpu():
     """The gpu preset at its real widths and depths, a batch of 2: every weight gets a finite gradient and moves
-    (the flow's adaLN-Zero layers given values first: at zero they pass no gradient to their blocks)."""
+    (the flow's adaLN-Zero layers given values first: at zero they pass no gradient to their blocks). Two
+    different captions: pairs of one caption are no contrastive negatives, which leaves that head no gradient."""
     world = ShapesWorld(64, seed=0)
     bpe = ft.TextTokenizer.train([caption(s) for s in world.sample_specs(300)], 16)
     torch.manual_seed(0)
     tc, fc, tokenizer, model = preset_models("gpu", bpe.vocab_size, "cpu")
-    img, caps, _ = world.batch(2)
-    ids = bpe.encode(caps)
+    specs = eval_specs("seen", 1)[:2]  # a single object, a relation
+    img, ids = world.render(specs), bpe.encode([caption(s) for s in specs])
     z = tokenizer.latents(img)
     for module, inputs in ((tokenizer, (img, ids)), (perturbed(model), (ids, z, ids))):
         before = [p.detach().clone() for p in module.parameters()]

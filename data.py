@@ -1,12 +1,9 @@
 """Data for nano FlowTok, in three parts:
-
-1. The shapes world: a procedurally generated text <-> image dataset that needs no download,
-   pictures of flat coloured shapes on white with captions in a tiny canonical grammar
-   (vocabulary -> specs and captions -> sampling -> rendering).
-2. The judge: says exactly whether a picture (or a caption) matches a prompt; usable alone.
-   Beside it, the evaluation of a trained model with it, on validation or test prompts.
-3. Your own captioned images (three folder layouts), with the shapes world's interface; picture
-   grids and charts.
+1. The shapes world: a procedurally generated text <-> image dataset that needs no download, flat coloured
+   shapes on white captioned in a tiny canonical grammar (vocabulary -> specs and captions -> sampling -> rendering).
+2. The judge: says exactly whether a picture (or a caption) matches a prompt; usable alone. Beside it, the
+   evaluation of a trained model with it, on validation or test prompts.
+3. Your own captioned images (three folder layouts) with the shapes world's interface; picture grids and charts.
 """
 import csv
 import dataclasses
@@ -22,7 +19,6 @@ import warnings
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,15 +30,8 @@ import flowtok as ft
 # 1. The shapes world
 
 # vocabulary
-
-COLORS = {
-    "red": (220, 40, 40),
-    "orange": (245, 140, 30),
-    "yellow": (230, 200, 30),
-    "green": (40, 160, 60),
-    "blue": (40, 80, 220),
-    "purple": (150, 60, 200),
-}
+COLORS = {"red": (220, 40, 40), "orange": (245, 140, 30), "yellow": (230, 200, 30), "green": (40, 160, 60),
+          "blue": (40, 80, 220), "purple": (150, 60, 200)}  # exact fill RGB
 SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = ("small", "large")
 RELATIONS = ("to the left of", "to the right of", "above", "below")
@@ -63,8 +52,8 @@ HELD_OUT_PAIRS = tuple(p for p in ALL_PAIRS if p in HELD_OUT)
 COLOR_NAMES = tuple(COLORS)
 
 def inside_shape(shape, dx, dy, r):
-    """Which points (offset dx, dy from the box centre, y down) lie in `shape` drawn in a box of
-    half-side r. Used both to render (pixels, integer r) and to judge (templates in a unit box)."""
+    """Which points (offset dx, dy from the box centre, y down) lie in `shape` drawn in a box of half-side r:
+    pixels to render (integer r), templates in a unit box to judge."""
     if shape == "circle":
         return dx ** 2 + dy ** 2 <= r ** 2                 # disc of radius r
     if shape == "square":
@@ -74,8 +63,7 @@ def inside_shape(shape, dx, dy, r):
     return dx.abs() + dy.abs() <= r                         # diamond: vertices at the box edge midpoints
 
 # specs and captions
-
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Spec:
     """What a picture shows, independent of where things are placed."""
     family: str      # 'single' | 'relation' | 'count'
@@ -105,20 +93,16 @@ _COUNT_RE = re.compile(rf"(two|three) {_C} {_S}s")
 def parse_caption(text):
     """Canonical grammar -> Spec, or None. Accepts either article, any case/spacing, a final period."""
     text = " ".join(text.lower().split())
-    if text.endswith("."):
-        text = text[:-1].rstrip()
+    text = text[:-1].rstrip() if text.endswith(".") else text
     if m := _SINGLE_RE.fullmatch(text):
         size, color, shape = m.groups()
         return Spec("single", ((color, shape),), size)
     if m := _RELATION_RE.fullmatch(text):
-        ca, sa, rel, cb, sb = m.groups()
-        if ca == cb:  # the relation family always shows two different colours
-            return None
-        return Spec("relation", ((ca, sa), (cb, sb)), "large", rel)
+        ca, sa, rel, cb, sb = m.groups()  # the relation family always shows two different colours
+        return Spec("relation", ((ca, sa), (cb, sb)), "large", rel) if ca != cb else None
     if m := _COUNT_RE.fullmatch(text):
         word, color, shape = m.groups()
-        n = 2 if word == "two" else 3
-        return Spec("count", ((color, shape),) * n, "large")
+        return Spec("count", ((color, shape),) * (2 if word == "two" else 3), "large")
     return None
 
 def normalize(spec):
@@ -138,11 +122,9 @@ def is_held_out(spec):
     return any(pair in HELD_OUT for pair in spec.objects)
 
 # sampling specs
-
 def _spec_from_uniforms(family, u, pairs_a, pairs_b):
-    """Build one spec of `family` from uniforms in [0, 1): u[1..5] pick pair A, pair B, relation,
-    size and count, so a whole batch comes from one vectorised rng call. Object A comes from
-    pairs_a; the relation's object B from those pairs_b of a different colour."""
+    """One spec of `family` from uniforms in [0, 1) (a whole batch from one vectorised rng call): u[1..5] pick
+    pair A from pairs_a, pair B from those pairs_b of another colour, relation, size and count."""
     size = SIZES[int(u[4] * 2)]
     pair_a = pairs_a[int(u[1] * len(pairs_a))]
     if family == "single":
@@ -164,37 +146,29 @@ def eval_specs(pairs, n_per_family, split="val", hold_out=True):
     assert pairs in ("seen", "heldout") and split in EVAL_SEEDS
     rng = np.random.default_rng(EVAL_SEEDS[split][0])
     seen = SEEN_PAIRS if hold_out else ALL_PAIRS
+    pairs_a, pairs_b = (seen, seen) if pairs == "seen" else (HELD_OUT_PAIRS, ALL_PAIRS)
     specs = []
     for family in FAMILIES:
         for u in rng.random((n_per_family, 7)):
-            if pairs == "seen":
-                specs.append(_spec_from_uniforms(family, u, seen, seen))
-                continue
-            spec = _spec_from_uniforms(family, u, HELD_OUT_PAIRS, ALL_PAIRS)
-            if family == "relation" and u[6] < 0.5:  # put the held-out object on either side
+            spec = _spec_from_uniforms(family, u, pairs_a, pairs_b)
+            if pairs == "heldout" and family == "relation" and u[6] < 0.5:  # the held-out object on either side
                 spec = Spec("relation", spec.objects[::-1], spec.size, spec.relation)
             specs.append(spec)
     return specs
 
 # the world
-
 class ShapesWorld:
     """An endless stream of (image, caption, spec) batches, deterministic for a seed."""
 
     def __init__(self, image_size=64, hold_out=True, seed=0, device="cpu", family_probs=(1 / 3, 1 / 3, 1 / 3)):
-        self.image_size = image_size
-        self.hold_out = hold_out
-        self.device = torch.device(device)
+        self.image_size, self.hold_out, self.device = image_size, hold_out, torch.device(device)
         self.family_cdf = np.cumsum(family_probs) / np.sum(family_probs)
         self.rng = np.random.default_rng(seed)
         self.pairs = SEEN_PAIRS if hold_out else ALL_PAIRS
-        # Pixel centres at x + 0.5, so integer-centred shapes are symmetric.
-        self.grid = torch.arange(image_size, device=self.device, dtype=torch.float32) + 0.5  # (S,)
         self.palette = torch.tensor(list(COLORS.values()), device=self.device, dtype=torch.float32) / 255  # (6, 3)
 
     def captions(self, n=20000):
-        """A sample of training captions (the text tokenizer's BPE is trained on it), drawn from a
-        fixed-seed stream so that this stream's own order is left untouched."""
+        """Training captions to train the BPE on, from a fixed-seed stream: this stream's order stays untouched."""
         return [caption(s) for s in ShapesWorld(self.image_size, self.hold_out, seed=0).sample_specs(n)]
 
     def sample_specs(self, n):
@@ -214,9 +188,7 @@ class ShapesWorld:
         r = np.maximum(1, np.rint(base * rng.uniform(0.9, 1.1, B))).astype(np.int64)  # +-10% jitter, whole pixels
         axis, sign = np.array([RELATION_AXIS.get(s.relation, (-1, 0)) for s in specs]).T  # axis -1: no relation
         min_offset = math.ceil(0.2 * S)
-
-        cx = np.zeros((B, MAX_OBJECTS), np.int64)
-        cy = np.zeros((B, MAX_OBJECTS), np.int64)
+        cx, cy = np.zeros((2, B, MAX_OBJECTS), np.int64)
         T = 64  # candidate layouts per image per round; most images find one in the first round
         todo = np.arange(B)
         while len(todo):
@@ -235,19 +207,16 @@ class ShapesWorld:
             other = np.take_along_axis(d, 1 - ax[:, :, None], 2)[..., 0]
             ok &= (axis[todo] < 0)[:, None] | ((along >= min_offset) & (along > np.abs(other)))
             found = ok.any(1)
-            first = ok.argmax(1)
-            idx = todo[found]
-            chosen = c[found, first[found]]  # (b_found, O, 2)
-            cx[idx], cy[idx] = chosen[..., 0], chosen[..., 1]
+            chosen = c[found, ok.argmax(1)[found]]  # (b_found, O, 2): each image's first layout that fits
+            cx[todo[found]], cy[todo[found]] = chosen[..., 0], chosen[..., 1]
             todo = todo[~found]
         present = np.arange(MAX_OBJECTS)[None] < n_obj[:, None]
         return cx * present, cy * present, r
 
     def render(self, specs, rng=None, soft=False):
         """Specs -> float images (B, 3, S, S) in [0, 1] on self.device: flat palette colours on white.
-        soft: another renderer of the same specs, to test a model on pictures it was not trained on:
-        every centre moved off the pixel grid by up to half a pixel, and edges anti-aliased (each
-        pixel the mean of 4 x 4 samples), so outlines are one pixel of blended colour."""
+        soft: another renderer, to test a model on pictures it was not trained on: centres moved off the pixel
+        grid by up to half a pixel, edges anti-aliased (each pixel the mean of 4 x 4 samples)."""
         rng = self.rng if rng is None else rng
         cx, cy, r = self.layout(specs, rng)
         B, S, dev = len(specs), self.image_size, self.device
@@ -285,12 +254,10 @@ class ShapesWorld:
         self.rng.bit_generator.state = d["rng"]
 
 class WorldPool:
-    """A fixed sample of the shapes world, encoded once by the frozen tokenizer, for the flow stage.
-    On a CPU, rendering and encoding each batch costs a good share of a flow step; a pool of pictures drawn
-    again and again (each draw re-samples the posterior, and the text side its own noise) buys that
-    time back as flow steps. The pictures come from their own stream seeded by `seed`, so a resumed
-    run rebuilds the same pool; which pictures a batch takes comes from `world`'s generator, which
-    checkpoints save."""
+    """A fixed sample of the shapes world encoded once by the frozen tokenizer, for the flow stage. On a CPU,
+    rendering and encoding cost a good share of a flow step; pictures drawn again and again (each draw
+    re-samples the posterior) buy that time back. The pictures come from their own stream seeded by `seed`
+    (a resumed run rebuilds the same pool); which ones a batch takes, from `world`'s checkpointed generator."""
 
     @torch.no_grad()
     def __init__(self, world, tokenizer, n, seed, batch=500):
@@ -316,9 +283,8 @@ class WorldPool:
 # 2. The judge
 
 def _label_components(cls):
-    """4-connected components of equal non-negative class. cls: (B, S, S) int, -1 = not an object pixel.
-    Returns labels (B, S, S): each pixel's label is the smallest flat index in its component
-    (background pixels keep their own index). Min-label propagation plus pointer jumping, all vectorised."""
+    """4-connected components of equal class in cls (B, S, S) int, -1 = not an object pixel, by min-label
+    propagation and pointer jumping. -> labels (B, S, S): the smallest flat index in each pixel's component."""
     B, H, W = cls.shape
     lab = torch.arange(B * H * W, device=cls.device, dtype=torch.int32).view(B, H, W)  # int32 halves memory traffic
     same_h = (cls[:, :, 1:] == cls[:, :, :-1]) & (cls[:, :, 1:] >= 0)  # (B, H, W-1) joined to right neighbour
@@ -336,9 +302,8 @@ def _label_components(cls):
         lab = new
 
 def _template_iou(comp, area, w, h):
-    """IoU of each component with each shape template drawn in the component's bounding box.
-    comp: (K, C, C) bool crops whose top-left corner is the box's; area: (K,) the components' pixel
-    counts; w, h: (K,) box sizes. Returns (K, 4) in SHAPES order."""
+    """IoU (K, 4) of each component with each shape template (SHAPES order) drawn in its bounding box.
+    comp: (K, C, C) bool crops at the box's top-left corner; area: (K,) pixel counts; w, h: (K,) box sizes."""
     C = comp.shape[-1]
     grid = torch.arange(C, device=comp.device, dtype=torch.float32) + 0.5
     # Offsets from the box centre in units of the half-side: every template lives in a unit box.
@@ -350,9 +315,8 @@ def _template_iou(comp, area, w, h):
     return inter / (templates.sum((-2, -1)) + area[:, None] - inter)
 
 def find_objects(images):
-    """Detect objects by the judging rules. images: (B, 3, S, S) float in [0, 1] or uint8, any device.
-    Returns, per image, a list of dicts: color, shape (None if no template reaches IoU 0.5), size,
-    cx, cy (bounding-box centre, in pixels) and bbox (x0, y0, x1, y1), x1 and y1 exclusive."""
+    """Objects by the judging rules in images (B, 3, S, S), float in [0, 1] or uint8. -> per image a list of
+    dicts: color, shape (None below IoU 0.5), size, cx, cy (box centre, pixels), bbox (x0, y0, x1, y1 exclusive)."""
     rgb = images.float() if images.dtype == torch.uint8 else images.float() * 255
     rgb = rgb.permute(0, 2, 3, 1)  # (B, S, S, 3)
     B, S, dev = rgb.shape[0], rgb.shape[1], rgb.device
@@ -362,7 +326,6 @@ def find_objects(images):
     near, k = d2.min(-1)
     background = ((rgb - 255) ** 2).sum(-1) < 60 ** 2
     cls = torch.where(~background & (near < 80 ** 2), k, -1)  # (B, S, S), -1 = not an object pixel
-
     lab = _label_components(cls).view(-1).long()
     fg = cls.view(-1) >= 0
     area = torch.bincount(lab[fg], minlength=lab.numel())
@@ -371,12 +334,9 @@ def find_objects(images):
         return [[] for _ in range(B)]
     flat = torch.arange(lab.numel(), device=dev)
     x, y = (flat % S)[fg], (flat // S % S)[fg]
-    x0 = torch.full_like(area, S).scatter_reduce(0, lab[fg], x, "amin")[roots]
-    y0 = torch.full_like(area, S).scatter_reduce(0, lab[fg], y, "amin")[roots]
-    x1 = torch.zeros_like(area).scatter_reduce(0, lab[fg], x + 1, "amax")[roots]
-    y1 = torch.zeros_like(area).scatter_reduce(0, lab[fg], y + 1, "amax")[roots]
+    x0, y0 = (torch.full_like(area, S).scatter_reduce(0, lab[fg], v, "amin")[roots] for v in (x, y))
+    x1, y1 = (torch.zeros_like(area).scatter_reduce(0, lab[fg], v + 1, "amax")[roots] for v in (x, y))
     img = roots // (S * S)
-
     # Crop every component at its box's top-left, all crops the size of the largest box.
     C = int(torch.maximum(x1 - x0, y1 - y0).max())
     offs = torch.arange(C, device=dev)
@@ -389,7 +349,6 @@ def find_objects(images):
         for i, j in ((i, i + 256) for i in range(0, len(roots), 256))
     ])  # (K, 4)
     best_iou, best = ious.max(1)
-
     objects = [[] for _ in range(B)]
     rows = zip(*(t.tolist() for t in (img, cls.view(-1)[roots], best, best_iou, x0, y0, x1, y1)))
     for b, c, s, iou, bx0, by0, bx1, by1 in rows:
@@ -399,12 +358,6 @@ def find_objects(images):
                                size="small" if small else "large", cx=(bx0 + bx1) / 2, cy=(by0 + by1) / 2,
                                bbox=(bx0, by0, bx1, by1)))
     return objects
-
-def _relation_holds(a, b, relation):
-    """Between bounding-box centres: the right sign along the named axis, and more than across it."""
-    axis, sign = RELATION_AXIS[relation]
-    d = (a["cx"] - b["cx"], a["cy"] - b["cy"])
-    return sign * d[axis] > abs(d[1 - axis])
 
 def _judge_one(objs, spec):
     if any(o["shape"] is None for o in objs):
@@ -419,37 +372,34 @@ def _judge_one(objs, spec):
     by_color = {o["color"]: o for o in objs}
     a, b = (by_color[c] for c, _ in spec.objects)
     shapes_ok = (a["shape"], b["shape"]) == (spec.objects[0][1], spec.objects[1][1])
-    return shapes_ok and _relation_holds(a, b, spec.relation)
+    # the relation, between box centres: the right sign along the named axis, and more than across it
+    axis, sign = RELATION_AXIS[spec.relation]
+    d = (a["cx"] - b["cx"], a["cy"] - b["cy"])
+    return shapes_ok and sign * d[axis] > abs(d[1 - axis])
 
 def judge_images(images, specs):
     return [_judge_one(objs, spec) for objs, spec in zip(find_objects(images), specs)]
 
 def judge_captions(captions, specs):
-    parsed = [parse_caption(c) for c in captions]
-    return [p is not None and same_meaning(p, s) for p, s in zip(parsed, specs)]
+    return [p is not None and same_meaning(p, s) for p, s in zip(map(parse_caption, captions), specs)]
 
 def accuracy(oks, specs):
     """Per-family accuracy over the families present, and overall = mean over all items."""
-    out = {}
-    for family in FAMILIES:
-        hits = [ok for ok, s in zip(oks, specs) if s.family == family]
-        if hits:
-            out[family] = sum(hits) / len(hits)
-    out["overall"] = sum(oks) / len(oks) if len(oks) else 0.0
-    return out
+    hits = {family: [ok for ok, s in zip(oks, specs) if s.family == family] for family in FAMILIES}
+    out = {family: sum(h) / len(h) for family, h in hits.items() if h}
+    return {**out, "overall": sum(oks) / len(oks) if len(oks) else 0.0}
 
 # judging a trained model
-
 def eval_images(image_size, specs, split, device, soft=False):
     """The fixed ground-truth renders of a split's evaluation specs (soft: see ShapesWorld.render)."""
     return ShapesWorld(image_size, seed=EVAL_SEEDS[split][1], device=device).render(specs, soft=soft)
 
 @torch.no_grad()
 def evaluate(tokenizer, model, bpe, s, n, split="val", directions=("t2i", "i2t"), inverse=False, hold_out=True):
-    """Judge accuracy per family on seen and held-out prompts of a split (n per family each), drawn
-    with the sampling settings s: text -> image, and with 'i2t' image -> text (the text decoder's
-    most likely caption, and the best of s.candidates; on the world's renders and on soft ones),
-    both round trips, and the text decoder's exact-match round trip decode(encode(caption))."""
+    """Judge accuracy per family on seen and held-out prompts of a split (n per family each), drawn with the
+    sampling settings s: text -> image, and with 'i2t' image -> text (the likeliest caption and the best of
+    s.candidates; on the world's renders and on soft ones), both round trips, and the text decoder's
+    exact-match round trip decode(encode(caption))."""
     res, dev = {}, tokenizer.scale_factor.device
     likeliest = dataclasses.replace(s, candidates=1)
     for pairs in ("seen", "heldout"):
@@ -481,11 +431,9 @@ def evaluate(tokenizer, model, bpe, s, n, split="val", directions=("t2i", "i2t")
 @torch.no_grad()
 def evaluate_tokenizer(tokenizer, n, bpe=None, images=None, captions=None, guidance=0.0, split="val",
                        hold_out=True):
-    """PSNR (and, on the shapes world, judge accuracy) of reconstructions from the posterior mean:
-    of the given images, or of a split's evaluation renders (n per family, seen and held-out).
-    'recon_blind' decodes without the captions (what the latent alone holds); 'recon' lets a
-    text-aware decoder read them (when bpe is given), with the decoder guidance `guidance`, as
-    when it draws text -> image."""
+    """PSNR (and on the shapes world judge accuracy) of reconstructions from the posterior mean, of the given
+    images or of a split's evaluation renders (n per family, seen and held-out). 'recon_blind' decodes without
+    the captions; 'recon' lets a text-aware decoder read them (bpe given), with decoder guidance `guidance`."""
     dev = tokenizer.scale_factor.device
 
     def recon_psnr(img, caps):
@@ -493,6 +441,7 @@ def evaluate_tokenizer(tokenizer, n, bpe=None, images=None, captions=None, guida
         rec = tokenizer.decode(tokenizer.encode(img)[0], ids, guidance).clamp(0, 1)
         mse = (rec - img).pow(2).flatten(1).mean(1)
         return rec, (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()
+
     if images is not None:
         return {"recon": {"psnr": recon_psnr(images, captions)[1]}}
     res = {}
@@ -509,11 +458,9 @@ def evaluate_tokenizer(tokenizer, n, bpe=None, images=None, captions=None, guida
 
 def report(res, multiline=False):
     """An evaluation's results as one line (or one line per entry)."""
-    parts = []
-    for name, acc in res.items():
-        if isinstance(acc, dict):
-            parts.append(f"{name}: " + " ".join(f"{k} {v:.3f}" if k != "psnr" else f"psnr {v:.2f}dB"
-                                                for k, v in acc.items()))
+    fmt = lambda k, v: f"psnr {v:.2f}dB" if k == "psnr" else f"{k} {v:.3f}"
+    parts = [f"{name}: " + " ".join(fmt(k, v) for k, v in acc.items()) for name, acc in res.items()
+             if isinstance(acc, dict)]
     return ("\n" if multiline else " | ").join(parts)
 
 # -----------------------------------------------------------------------------
@@ -531,9 +478,8 @@ SKIP_REASONS = ("missing file", "unreadable image", "image too small", "no capti
 MIN_SIDE_FRACTION = 0.25  # a shorter side under image_size/4 would be upscaled over 4x: mostly blur
 
 def _open_rgb(path, size):
-    """Decode an image as FlowTok's preprocessing sees it: RGB, alpha composited on white, 16/32-bit
-    and float scaled to 8 bit. JPEGs decode at the smallest DCT scale still >= size (free and fast).
-    Raises ValueError with a one-line reason naming the file."""
+    """An image as FlowTok's preprocessing sees it: RGB, alpha composited on white, 16/32-bit and float scaled
+    to 8 bit; a JPEG decoded at its smallest DCT scale >= size (free and fast). Fails with a one-line ValueError."""
     try:
         with Image.open(path) as im:
             im.draft(None, (size, size))
@@ -543,10 +489,9 @@ def _open_rgb(path, size):
             elif im.mode.startswith(("I", "F")):
                 a = np.nan_to_num(np.asarray(im, dtype=np.float64))
                 peak = a.max(initial=0)
-                if im.mode.startswith("I;16") or (im.mode == "I" and peak <= 65535):
-                    full = 65535  # Pillow keeps 16-bit PNG/TIFF data in these modes
-                else:
-                    full = 1.0 if peak <= 1 else 255 if peak <= 255 else peak  # floats are usually [0, 1]
+                # Pillow keeps 16-bit PNG/TIFF data in these modes; floats are usually in [0, 1]
+                sixteen_bit = im.mode.startswith("I;16") or (im.mode == "I" and peak <= 65535)
+                full = 65535 if sixteen_bit else 1.0 if peak <= 1 else 255 if peak <= 255 else peak
                 im = Image.fromarray(np.clip(a / full * 255, 0, 255).round().astype(np.uint8))
             return im.convert("RGB")  # palette, CMYK, grayscale, 1-bit ...
     except FileNotFoundError:
@@ -555,8 +500,8 @@ def _open_rgb(path, size):
         raise ValueError(f"{path}: not a readable image ({type(e).__name__})") from None
 
 def _resize_crop(im, size):
-    """Shorter side resized to size (bicubic), centre crop; no flip: captions say left and right.
-    -> uint8 (3, size, size)."""
+    """Shorter side resized to size (bicubic), centre crop; no flip: captions say left and right. -> uint8
+    (3, size, size)."""
     w, h = im.size
     s = size / min(w, h)
     im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
@@ -568,27 +513,15 @@ def load_image(path, size):
     """Any image Pillow opens -> (3, size, size) float in [0, 1], preprocessed as for training."""
     return _resize_crop(_open_rgb(path, size), size).float() / 255
 
-def _clean_caption(text):
-    """-> (caption, None) or (None, skip reason). Whitespace runs (newlines too) become one space."""
-    try:
-        text.encode("utf-8")  # files are read with surrogateescape: undecodable bytes fail here
-    except UnicodeEncodeError:
-        return None, "caption not UTF-8"
-    text = " ".join(text.split())
-    return (text, None) if text else (None, "empty caption")
-
 def _read_text(path):
     with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         return f.read()
 
-def _imagefolder_entries(root, meta):
-    """metadata.jsonl / .csv -> {image path: [raw captions]} and skip counts. Several rows naming
-    one file are several captions of that image."""
-    rows, skipped = [], Counter()
+def _imagefolder_entries(root, meta, skipped):
+    """metadata.jsonl / .csv -> {image path: [raw captions]}: several rows naming one file are several captions."""
+    rows = []
     if meta.endswith(".jsonl"):
-        for line in _read_text(meta).splitlines():
-            if not line.strip():
-                continue
+        for line in filter(str.strip, _read_text(meta).splitlines()):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
@@ -597,15 +530,15 @@ def _imagefolder_entries(root, meta):
         rows = list(csv.DictReader(io.StringIO(_read_text(meta), newline="")))
     entries = {}
     for row in rows:
-        if not (isinstance(row, dict) and isinstance(row.get("file_name"), str) and isinstance(row.get("text"), str)):
+        if isinstance(row, dict) and isinstance(row.get("file_name"), str) and isinstance(row.get("text"), str):
+            entries.setdefault(os.path.join(root, row["file_name"]), []).append(row["text"])
+        else:
             skipped["bad metadata line"] += 1
-            continue
-        entries.setdefault(os.path.join(root, row["file_name"]), []).append(row["text"])
-    return entries, skipped
+    return entries
 
-def _txt_entries(root):
+def _txt_entries(root, skipped):
     """Images with a same-named .txt beside them, recursively; hidden files and folders ignored."""
-    entries, skipped = {}, Counter()
+    entries = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
@@ -617,11 +550,11 @@ def _txt_entries(root):
                 entries[os.path.join(dirpath, name)] = [_read_text(txt)]
             else:
                 skipped["no caption"] += 1
-    return entries, skipped
+    return entries
 
-def _coco_entries(ann, image_root):
-    """captions_SPLIT.json -> entries. Images are looked for in image_root if given, else beside the
-    json or in a folder named SPLIT beside it or beside its folder (COCO's own layout)."""
+def _coco_entries(ann, image_root, skipped):
+    """captions_SPLIT.json -> entries. Images are looked for in image_root if given, else beside the json or
+    in a folder named SPLIT beside it or beside its folder (COCO's own layout)."""
     try:
         coco = json.loads(_read_text(ann))
         images = {im["id"]: im["file_name"] for im in coco["images"]}
@@ -629,72 +562,74 @@ def _coco_entries(ann, image_root):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{ann}: not a COCO captions file ({type(e).__name__}): it needs images[] with id and "
                          "file_name, annotations[] with image_id and caption") from None
-    caps, skipped = {}, Counter()
+    caps = {}
     for a in annotations:
-        if not (isinstance(a, dict) and a.get("image_id") in images and isinstance(a.get("caption"), str)):
+        if isinstance(a, dict) and a.get("image_id") in images and isinstance(a.get("caption"), str):
+            caps.setdefault(a["image_id"], []).append(a["caption"])
+        else:
             skipped["bad metadata line"] += 1
-            continue
-        caps.setdefault(a["image_id"], []).append(a["caption"])
     here = os.path.dirname(os.path.abspath(ann))
     split = os.path.basename(ann)[len("captions_"):-len(".json")]
     roots = [image_root] if image_root else [here, os.path.join(here, split),
                                              os.path.join(os.path.dirname(here), split)]
     names = list(images.values())[:100]
     root = max(roots, key=lambda r: sum(os.path.isfile(os.path.join(r, n)) for n in names))  # first wins ties
-    entries = {}
-    for i, name in images.items():
-        if i in caps:
-            entries[os.path.join(root, name)] = caps[i]
-        else:
-            skipped["no caption"] += 1
-    return entries, skipped
+    skipped["no caption"] += sum(i not in caps for i in images)
+    return {os.path.join(root, name): caps[i] for i, name in images.items() if i in caps}
 
 def _find_format(path, image_root):
-    """-> (format name, entries, skip counts), or ValueError saying what to give instead."""
+    """-> (format name, {image path: [raw captions]}, skip counts), or a ValueError saying what to give instead."""
+    skipped = Counter()
     if not os.path.exists(path):
         raise ValueError(f"dataset {path}: no such file or folder: give a folder of captioned images or a COCO "
                          "captions_*.json")
     if os.path.isfile(path):
         if os.path.basename(path) in ("metadata.jsonl", "metadata.csv"):
-            return "imagefolder", *_imagefolder_entries(os.path.dirname(os.path.abspath(path)), path)
+            return "imagefolder", _imagefolder_entries(os.path.dirname(os.path.abspath(path)), path, skipped), skipped
         if path.endswith(".json"):
-            return "coco", *_coco_entries(path, image_root)
+            return "coco", _coco_entries(path, image_root, skipped), skipped
         raise ValueError(f"dataset {path}: a file but not a COCO captions_*.json or a metadata.jsonl/.csv: "
                          "give the folder holding your images instead")
     for meta in ("metadata.jsonl", "metadata.csv"):
         if os.path.isfile(os.path.join(path, meta)):
-            return "imagefolder", *_imagefolder_entries(path, os.path.join(path, meta))
+            return "imagefolder", _imagefolder_entries(path, os.path.join(path, meta), skipped), skipped
     anns = sorted(glob.glob(os.path.join(path, "captions_*.json")) +
                   glob.glob(os.path.join(path, "annotations", "captions_*.json")))
     if len(anns) > 1:
         raise ValueError(f"dataset {path}: several COCO caption files ({', '.join(map(os.path.basename, anns))}): "
                          "give the one to train on as the path")
     if anns:
-        return "coco", *_coco_entries(anns[0], image_root)
-    entries, skipped = _txt_entries(path)
-    if entries:
+        return "coco", _coco_entries(anns[0], image_root, skipped), skipped
+    if entries := _txt_entries(path, skipped):
         return "txt", entries, skipped
     raise ValueError(f"dataset {path}: no metadata.jsonl/metadata.csv, no captions_*.json and no image with a "
                      "same-named .txt caption: put your captions in one of these layouts")
 
-def _skip_summary(skipped):
-    return ", ".join(f"{skipped[r]} {r}" for r in SKIP_REASONS if skipped[r]) or "nothing"
+def _clean_caption(text, skipped):
+    """The caption with whitespace runs (newlines too) as one space, or None with its skip reason counted."""
+    try:
+        text.encode("utf-8")  # files are read with surrogateescape: undecodable bytes fail here
+    except UnicodeEncodeError:
+        skipped["caption not UTF-8"] += 1
+        return None
+    text = " ".join(text.split())
+    if not text:
+        skipped["empty caption"] += 1
+    return text or None
 
 class CaptionedImages:
-    """Your (image, caption) pairs with ShapesWorld's interface: batch(n), state_dict(), captions().
-    Epochs are seeded permutations (each image once per epoch); with several captions per image one
-    is drawn each time it is used. Preprocessed images are kept in memory up to cache_mb (a fixed
-    set filled at open time: under shuffled epochs an LRU smaller than the data never hits)."""
+    """Your (image, caption) pairs with ShapesWorld's interface: batch(n), state_dict(), captions(). Epochs
+    are seeded permutations (each image once per epoch); with several captions per image one is drawn at each
+    use. Preprocessed images are kept in memory up to cache_mb, a fixed set filled at open time (under
+    shuffled epochs an LRU smaller than the data never hits). Opening prints one summary line."""
 
     def __init__(self, path, image_size, seed=0, device="cpu", image_root=None, cache_mb=512):
         self.path, self.image_size, self.device = path, image_size, torch.device(device)
         self.format, entries, self.skipped = _find_format(path, image_root)
         files, caps = [], []
         for file, raw in entries.items():
-            cleaned = [_clean_caption(text) for text in raw]
-            self.skipped.update(reason for _, reason in cleaned if reason)  # an image with none good goes too
-            if good := [c for c, _ in cleaned if c]:
-                files.append(file)
+            if good := [c for c in (_clean_caption(text, self.skipped) for text in raw) if c]:
+                files.append(file)  # an image with no good caption is skipped
                 caps.append(good)
         min_side = math.ceil(image_size * MIN_SIDE_FRACTION)
         n_cache = cache_mb * 2 ** 20 // (3 * image_size ** 2)
@@ -712,20 +647,17 @@ class CaptionedImages:
 
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without holding the GIL
             results = list(pool.map(scan, range(len(files)), files))
-        self.files, self.caps, self.cache = [], [], {}
-        for file, cap, r in zip(files, caps, results):
-            if isinstance(r, str):
-                self.skipped[r] += 1
-                continue
-            if r is not None:
-                self.cache[len(self.files)] = r
-            self.files.append(file)
-            self.caps.append(cap)
+        self.skipped.update(r for r in results if isinstance(r, str))
+        keep = [i for i, r in enumerate(results) if not isinstance(r, str)]
+        self.files, self.caps = [files[i] for i in keep], [caps[i] for i in keep]
+        self.cache = {j: results[i] for j, i in enumerate(keep) if results[i] is not None}
         usable = f"{len(self.files)} usable images with {sum(map(len, self.caps))} captions" if self.files else \
             "no usable image-caption pair"
-        self.summary = f"dataset {path}: {usable} ({self.format}); skipped {_skip_summary(self.skipped)}"
+        skipped = ", ".join(f"{self.skipped[r]} {r}" for r in SKIP_REASONS if self.skipped[r]) or "nothing"
+        self.summary = f"dataset {path}: {usable} ({self.format}); skipped {skipped}"
         if not self.files:
             raise ValueError(self.summary + ": fix those files or point at another dataset")
+        print(self.summary)
         self.fingerprint = zlib.crc32("\n".join(self.files).encode("utf-8", "surrogateescape"))
         self.rng = np.random.default_rng(seed)
         self.bad = []  # indices that passed the scan but failed to decode later: out of every later epoch
@@ -736,16 +668,6 @@ class CaptionedImages:
 
     def captions(self):
         return [c for caps in self.caps for c in caps]
-
-    def _next_index(self):
-        if self.pos == len(self.order):
-            alive = np.setdiff1d(np.arange(len(self.files)), self.bad)
-            if not len(alive):
-                raise ValueError(f"dataset {self.path}: every image failed to decode during training: "
-                                 "check the disk and the files")
-            self.order, self.pos = self.rng.permutation(alive), 0
-        self.pos += 1
-        return int(self.order[self.pos - 1])
 
     def _load(self, i):
         """Image i as uint8 (3, S, S); None if it fails to decode now (it is skipped from then on)."""
@@ -762,11 +684,17 @@ class CaptionedImages:
         """The next n (index, uint8 image or None when not load, caption) of the stream."""
         out = []
         while len(out) < n:
-            i = self._next_index()
+            if self.pos == len(self.order):  # a new epoch, without the images that failed to decode
+                alive = np.setdiff1d(np.arange(len(self.files)), self.bad)
+                if not len(alive):
+                    raise ValueError(f"dataset {self.path}: every image failed to decode during training: "
+                                     "check the disk and the files")
+                self.order, self.pos = self.rng.permutation(alive), 0
+            i = int(self.order[self.pos])
+            self.pos += 1
             img = self._load(i) if (load and i not in self.bad) else None
-            if i in self.bad:
-                continue
-            out.append((i, img, self.caps[i][self.rng.integers(len(self.caps[i]))]))
+            if i not in self.bad:
+                out.append((i, img, self.caps[i][self.rng.integers(len(self.caps[i]))]))
         return out
 
     def batch(self, n):
@@ -791,18 +719,12 @@ class CaptionedImages:
             return
         self.order, self.pos, self.bad = d["order"].numpy(), d["pos"], list(d["bad"])
 
-def open_dataset(path, image_size, seed=0, device="cpu", image_root=None, cache_mb=512):
-    """Open your captioned images in whichever layout they are (see the top of this section) and
-    print one line: how many pairs are usable, and how many entries were skipped for what."""
-    ds = CaptionedImages(path, image_size, seed, device, image_root, cache_mb)
-    print(ds.summary)
-    return ds
+open_dataset = CaptionedImages  # your captioned images in whichever layout they are (see the top of this part)
 
 class LatentCache:
-    """Your dataset encoded once by the frozen tokenizer: every image's posterior mean and log-variance
-    (N, 2, K, C) in a memory-mapped float16 .npy, so the flow stage reads K x C numbers per image
-    instead of decoding and encoding pixels. FlowTok's own pipeline trains on such pre-tokenized
-    latents; the posterior is re-sampled at every use. Rebuilt when the data or tokenizer changes."""
+    """Your dataset encoded once by the frozen tokenizer, as FlowTok's own pipeline trains on pre-tokenized
+    latents: every image's posterior mean and log-variance (N, 2, K, C) in a memory-mapped float16 .npy,
+    re-sampled at every use. Rebuilt when the data or the tokenizer changes."""
 
     def __init__(self, ds, path, tokenizer, batch=256):
         self.ds, self.path = ds, path
@@ -821,12 +743,10 @@ class LatentCache:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(N, 2, K, C))
         t0 = time.time()
         for start in range(0, N, batch):
-            idx = range(start, min(N, start + batch))
-            loaded = [(i, img) for i in idx if (img := self.ds._load(i)) is not None]
+            loaded = [(i, img) for i in range(start, min(N, start + batch)) if (img := self.ds._load(i)) is not None]
             if loaded:
                 x = torch.stack([img for _, img in loaded]).to(self.ds.device).float() / 255
-                mean, logvar = tokenizer.encode(x)
-                out[[i for i, _ in loaded]] = torch.stack([mean, logvar], 1).cpu().numpy().astype(np.float16)
+                out[[i for i, _ in loaded]] = torch.stack(tokenizer.encode(x), 1).cpu().numpy().astype(np.float16)
             print(f"latent cache: {min(N, start + batch)}/{N} images encoded", end="\r", flush=True)
         out.flush()
         del out
@@ -842,38 +762,34 @@ class LatentCache:
         m = torch.from_numpy(self.moments[np.array(idx)].astype(np.float32)).to(self.ds.device)  # (n, 2, K, C)
         return m[:, 0], m[:, 1], list(caps), [None] * n
 
-def save_grid(images, labels, path, cols=8, cell=128):
-    """images (B, 3, S, S) in [0, 1] -> one PNG with each label written under its picture (path
-    None: only returned, as a PIL image)."""
-    font = ImageFont.load_default(size=11)
-    B = len(images)
-    cols = min(cols, B)
-    rows = math.ceil(B / cols)
-    text_h = 40
-    canvas = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
-    draw = ImageDraw.Draw(canvas)
-    arr = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (B, S, S, 3)
-    for i in range(B):
-        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
-        canvas.paste(Image.fromarray(arr[i]).resize((cell, cell), Image.NEAREST), (x, y))
-        draw.multiline_text((x + 3, y + cell + 2), wrap(labels[i], 22), fill="black", font=font, spacing=1)
-    return save_png(canvas, path)
-
 def save_png(img, path):
+    """Save a PIL image as a PNG at path (folders made) unless path is None; -> the image."""
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         img.save(path)
     return img
+
+def save_grid(images, labels, path, cols=8, cell=128):
+    """images (B, 3, S, S) in [0, 1] -> one PNG, each label written under its picture (see save_png)."""
+    font = ImageFont.load_default(size=11)
+    cols, text_h = min(cols, len(images)), 40
+    canvas = Image.new("RGB", (cols * cell, math.ceil(len(images) / cols) * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    arr = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (B, S, S, 3)
+    for i in range(len(images)):
+        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
+        canvas.paste(Image.fromarray(arr[i]).resize((cell, cell), Image.NEAREST), (x, y))
+        draw.multiline_text((x + 3, y + cell + 2), wrap(labels[i], 22), fill="black", font=font, spacing=1)
+    return save_png(canvas, path)
 
 # matplotlib's "tab10" colours, in its order
 CHART_COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
                 (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 
 def line_chart(series, path=None, title="", xlabel="", ylabel="", ylim=None, logy=False, size=(480, 300)):
-    """{name: (xs, ys)} -> a line chart with Pillow alone (no plotting library to install): framed
-    axes with 5 ticks each, a legend on the right, every point marked. ylim fixes the y range (e.g.
-    (0, 1) for accuracies); logy plots log10(y), leaving out y <= 0. Returns the PIL image (saved
-    as a PNG at path, when given)."""
+    """{name: (xs, ys)} -> a line chart drawn with Pillow alone: framed axes with 5 ticks each, every point
+    marked, a legend on the right. ylim fixes the y range (e.g. (0, 1) for accuracies); logy plots log10(y),
+    leaving out y <= 0. -> the PIL image (see save_png)."""
     font = ImageFont.load_default(size=11)
     pts = {name: [(x, math.log10(y) if logy else y) for x, y in zip(xs, ys) if y > 0 or not logy]
            for name, (xs, ys) in series.items()}

@@ -15,8 +15,9 @@ The flow convention, stated once and used everywhere (tests check it in closed f
     v   = d x_t / dt = x1 - x0           (target velocity, regressed with MSE)
 
 Image -> text uses the same path with the roles swapped (source = image latent at t = 0). Ours, not the
-paper's: the text-aware tokenizer decoder is guided towards the caption (ImageTokenizer.decode), and
-image -> text checks its reading by how well that decoder redraws the picture (caption_candidates).
+paper's: the text-aware tokenizer decoder is guided towards the caption (ImageTokenizer.decode), a drawn
+picture is re-encoded and redrawn (text_to_image), and image -> text checks its reading by how well that
+decoder redraws the picture (caption_candidates).
 Naming: `tokenizer` is the image tokenizer, `bpe` the text one; `cfg` a config; CFG is spelled `guidance`.
 """
 

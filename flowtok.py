@@ -1,23 +1,20 @@
-"""
-nano FlowTok: text <-> image through one flow between two small token sequences.
+"""nano FlowTok: text <-> image through one flow between two small token sequences.
 
 FlowTok (arXiv 2503.10772) does not denoise an image out of noise under a text condition: it encodes the
-caption into K x C continuous tokens, the image into the same shape with a compact 1-D tokenizer, and
-learns one velocity field that carries the first straight into the second. This file is the whole model,
-in the order of the paper: helpers -> blocks -> 1-D image tokenizer -> text side (BPE, encoder, decoder)
--> flow transformer (+ the losses) -> Euler ODE sampler -> using a trained model.
-
-The flow convention, stated once and used everywhere (tests check it in closed form):
+caption into K x C continuous tokens, the image into the same shape with a compact 1-D tokenizer, and learns
+one velocity field that carries the first straight into the second. This file is the whole model, in the
+paper's order: helpers -> blocks -> 1-D image tokenizer -> text side (BPE, encoder, decoder) -> flow
+transformer (+ the losses) -> Euler ODE sampler -> using a trained model. The flow convention, used everywhere
+(tests check it in closed form; image -> text swaps the roles, the image latent is the source at t = 0):
 
     t = 0 : the text latent   x0   (B, K, C)
     t = 1 : the image latent  x1   (B, K, C)
     x_t = (1 - t) * x0 + t * x1          (straight path)
     v   = d x_t / dt = x1 - x0           (target velocity, regressed with MSE)
 
-Image -> text uses the same path with the roles swapped (source = image latent at t = 0). Ours, not the
-paper's: the text-aware tokenizer decoder is guided towards the caption (ImageTokenizer.decode), a drawn
-picture is re-encoded and redrawn (text_to_image), and image -> text checks its reading by how well that
-decoder redraws the picture (caption_candidates).
+Ours, not the paper's: the text-aware tokenizer decoder is guided towards the caption (ImageTokenizer.decode),
+a drawn picture is re-encoded and redrawn (text_to_image), and image -> text checks its reading by how well
+that decoder redraws the picture (caption_candidates).
 Naming: `tokenizer` is the image tokenizer, `bpe` the text one; `cfg` a config; CFG is spelled `guidance`.
 """
 
@@ -279,8 +276,7 @@ class ImageTokenizer(nn.Module):
 
     def decode(self, z, ids=None, guidance=0.0):
         """z (B, K, C), caption ids (B, K) or None (no caption; an image-only tokenizer ignores ids) -> image
-        (B, 3, S, S), not clamped. guidance s > 0: CFG on the decoder, x_caption + s * (x_caption - x_none);
-        the hidden training captions (text_drop) taught it the captionless picture, as CFG's dropped labels do."""
+        (B, 3, S, S), not clamped. guidance s > 0: CFG on the decoder, x_caption + s * (x_caption - x_none)."""
         B, N = z.shape[0], self.patch_pos.shape[0]
         masks = (self.mask_tokens + self.patch_pos).expand(B, N, -1)  # (B, N, W)
         x = [masks, self.latent_in(z) + self.latent_pos]
@@ -304,11 +300,9 @@ class ImageTokenizer(nn.Module):
         recon = self.decode(gaussian_sample(mean, logvar), ids)
         # MSE, not L1 (tried: it sat at the blank white image, its median pixel, for 1400+ steps), weighted
         # towards outlines: a blurred corner costs little MSE but turns a small diamond into a circle.
-        err = (recon - img).pow(2)
-        w = self.pixel_weights(img)  # (B, 1, S, S)
-        rec = (w * err).mean() / w.mean()
+        err, w = (recon - img).pow(2), self.pixel_weights(img)  # w (B, 1, S, S)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-        return rec + self.cfg.kl_weight * kl, {"mse": err.mean(), "kl": kl}
+        return (w * err).mean() / w.mean() + self.cfg.kl_weight * kl, {"mse": err.mean(), "kl": kl}
 
     def pixel_weights(self, img):
         return 1 + self.cfg.edge_weight * edge_mask(img)
@@ -339,8 +333,7 @@ class ImageTokenizer(nn.Module):
 # -----------------------------------------------------------------------------
 # Text side, part 1: a byte-level BPE on tiktoken, trained in seconds on the captions
 #
-# FlowTok reads captions with a frozen CLIP text tower. Nothing pretrained is available offline, so we
-# train the whole text side from scratch, starting from tiktoken tokens.
+# FlowTok reads captions with a frozen CLIP text tower; offline, with nothing pretrained, we train ours from scratch.
 
 # A split pattern that Python's `re` (used to train) and tiktoken (used to encode) read the same way.
 SPLIT_PATTERN = r"""'(?:s|t|re|ve|m|ll|d)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
@@ -358,10 +351,8 @@ def train_bpe(texts, vocab_size):
         for w, n in words.items():
             for a, b in zip(pieces[w], pieces[w][1:]):
                 pairs[a, b] += n
-        if not pairs:
-            break
-        (a, b), n = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))  # deterministic tie-break
-        if n < 2:
+        (a, b), n = max(pairs.items(), key=lambda kv: (kv[1], kv[0]), default=((b"", b""), 0))  # ties: by pair
+        if n < 2:  # no pair left, or none repeats
             break
         ranks[a + b] = len(ranks)
         for w, ps in pieces.items():  # left to right, as tiktoken merges
@@ -553,7 +544,6 @@ class FlowTok(nn.Module):
         text = (vocab_size, K, C, cfg.text_width, cfg.text_depth, TEXT_HEADS)
         self.text_encoder, self.text_decoder = TextEncoder(*text), TextDecoder(*text)
         self.flow, self.flow_i2t = [FlowTransformer(K, C, cfg.width, cfg.depth, cfg.n_head) for _ in range(2)]
-
         # Contrastive alignment through a small MLP on the image side: the text latent need not copy its layout.
         self.image_proj = nn.Sequential(nn.Linear(K * C, cfg.text_width), nn.SiLU(), nn.Linear(cfg.text_width, K * C))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -596,10 +586,9 @@ class FlowTok(nn.Module):
 
     def i2t_losses(self, z_img, ids, stats):
         """Image -> text on the first i2t_frac of the batch, from the image latent to the text latent's mean for
-        the picture's one phrasing `ids`, detached (this loss must not move it to make itself easy). One end
-        point per caption makes the path a plain regression that straight Euler steps follow; a noisy sample
-        would ask the flow to invent noise the image does not hold. Then Diffusion-LM's rounding loss: the
-        text decoder reads the predicted end point x1_hat = x_t + (1 - t) v, scored against the tokens."""
+        the picture's one phrasing `ids`, detached (this loss must not move it to make itself easy). One end point
+        per caption: a plain regression that straight Euler steps follow (a sample would ask for noise the image
+        lacks). Then Diffusion-LM's rounding loss: the text decoder reads x1_hat = x_t + (1 - t) v, against ids."""
         cfg = self.cfg
         n = max(1, int(z_img.shape[0] * cfg.i2t_frac))
         x0, ids = z_img[:n], ids[:n]
@@ -713,12 +702,7 @@ def parse_settings(parser, sections, argv=None):
     if preset not in PRESETS:
         parser.error(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)} or auto")
     settings = {**PRESETS[preset], **cli, "preset": preset}
-    configs = {}
-    for prefix, (cls, _) in sections.items():
-        mine = {f.name: settings[prefix + f.name] for f in dataclasses.fields(cls) if prefix + f.name in settings}
-        configs[prefix] = build_config(cls, mine, prefix, parser)
-
-    return configs, cli
+    return {prefix: build_config(cls, settings, prefix, parser) for prefix, (cls, _) in sections.items()}, cli
 
 def check_ranges(cfg, positive=(), shares=()):
     """Every number in a config is >= 0; those in `positive` are >= 1 (whole numbers) or > 0; `shares` lie
@@ -757,8 +741,7 @@ def field_help(cls):
 
 def add_fields(parser, cls, prefix, title):
     """One flag per field, --prefix.name=value (booleans also bare); default None, to tell what the user set."""
-    group = parser.add_argument_group(title)
-    helps = field_help(cls)
+    group, helps = parser.add_argument_group(title), field_help(cls)
     for f in dataclasses.fields(cls):
         kind = bool if f.default is None else type(f.default)  # None: a switch meaning 'auto'
         auto = " (default auto)" if f.default is None else f" (default {f.default!r})"
@@ -767,9 +750,9 @@ def add_fields(parser, cls, prefix, title):
                            **({"nargs": "?", "const": True} if kind is bool else {}))
 
 def build_config(cls, values, prefix, parser):
-    """cls(**values); a range error names the flag: '--prefix.name must be ...'."""
+    """cls from the values of its fields' flags, {prefix + name: value}; a range error names the flag."""
     try:
-        return cls(**values)
+        return cls(**{f.name: values[prefix + f.name] for f in dataclasses.fields(cls) if prefix + f.name in values})
     except ValueError as e:
         parser.error(f"--{prefix}{e}")
 
@@ -852,8 +835,7 @@ def load_models(path, device):
     if not state.get("ema"):
         raise CheckpointError(f"{path} has no trained flow yet (stage {state.get('stage')!r}): "
                               "finish training: python train.py --resume")
-    tokenizer = tokenizer_from(state, path, device)
-    bpe = TextTokenizer.from_state_dict(state["bpe"])
+    tokenizer, bpe = tokenizer_from(state, path, device), TextTokenizer.from_state_dict(state["bpe"])
     c = tokenizer.cfg
     model = FlowTok(saved_config(FlowConfig, state, "flow_cfg", path), bpe.vocab_size, c.num_tokens, c.token_dim)
     model.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in state["ema"].items()})
@@ -877,12 +859,11 @@ def text_to_image(tokenizer, model, bpe, prompts, s, seed=0, batch=256):
 def image_to_text(tokenizer, model, bpe, images, s, inverse=False, batch=256):
     """Images (B, 3, S, S) in [0, 1] -> B captions: the best of s.candidates (caption_candidates).
     inverse runs the text -> image field backwards, in s.steps (its paths are not straight)."""
-    out = []
-    for i in range(0, len(images), batch):
-        cands = caption_candidates(tokenizer, model, images[i:i + batch], s.candidates,
-                                   s.steps if inverse else s.i2t_steps, inverse, margin=s.check_margin)
-        out += [bpe.decode(x) for x in cands[:, 0]]
-    return out
+    best = [caption_candidates(tokenizer, model, images[i:i + batch], s.candidates,
+                               s.steps if inverse else s.i2t_steps, inverse, margin=s.check_margin)[:, 0]
+            for i in range(0, len(images), batch)]  # (B, K) each
+    return [bpe.decode(x) for ids in best for x in ids]
+
 
 def pick_tokens(logits, generator=None):
     """Logits (B, K, vocab) -> ids (B, K): the most likely, or drawn with the generator."""

@@ -864,7 +864,6 @@ def image_to_text(tokenizer, model, bpe, images, s, inverse=False, batch=256):
             for i in range(0, len(images), batch)]  # (B, K) each
     return [bpe.decode(x) for ids in best for x in ids]
 
-
 def pick_tokens(logits, generator=None):
     """Logits (B, K, vocab) -> ids (B, K): the most likely, or drawn with the generator."""
     if generator is None:

@@ -81,8 +81,7 @@ def modulate(x, shift, scale):
 class Attention(nn.Module):
     def __init__(self, dim, n_head):
         super().__init__()
-        self.n_head = n_head
-        self.manual = False  # the formula written out instead of SDPA: see use_manual_attention
+        self.n_head, self.manual = n_head, False  # manual: the formula written out, not SDPA (use_manual_attention)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x):
@@ -152,8 +151,7 @@ class TimestepEmbedder(nn.Module):
     """t in [0, 1] -> sinusoid -> MLP -> (B, D)."""
     def __init__(self, dim, freq_dim=256):
         super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.freq_dim, self.mlp = freq_dim, nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
         return self.mlp(timestep_embedding(t, self.freq_dim))
@@ -232,12 +230,10 @@ class ImageTokenizer(nn.Module):
         self.cfg, self.vocab_size = cfg, vocab_size
         W, K, C, p = cfg.width, cfg.num_tokens, cfg.token_dim, cfg.patch_size
         self.register_buffer("patch_pos", sincos_2d(cfg.image_size // p, W), persistent=False)  # (N, W)
-        # encoder
-        self.patch_embed, self.latent_tokens = nn.Linear(3 * p * p, W), nn.Parameter(torch.zeros(K, W))
+        self.patch_embed, self.latent_tokens = nn.Linear(3 * p * p, W), nn.Parameter(torch.zeros(K, W))  # encoder
         self.encoder = nn.Sequential(*[Block(W, cfg.n_head) for _ in range(cfg.enc_depth)])
         self.enc_ln, self.to_moments = nn.LayerNorm(W), nn.Linear(W, 2 * C)
-        # decoder
-        self.mask_tokens = nn.Parameter(torch.zeros(1, W))
+        self.mask_tokens = nn.Parameter(torch.zeros(1, W))  # decoder
         self.latent_in, self.latent_pos = nn.Linear(C, W), nn.Parameter(torch.zeros(K, W))
         if cfg.text_aware:  # id vocab_size stands for "no caption"; captions are K ids, like the latent
             assert vocab_size > 0, "a text-aware tokenizer needs vocab_size (the text tokenizer's)"

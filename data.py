@@ -44,8 +44,7 @@ RELATION_AXIS = {"to the left of": (0, -1), "to the right of": (0, 1), "above": 
 COUNT_WORDS = {2: "two", 3: "three"}
 MAX_OBJECTS = 3
 
-# Every (colour, shape) pair in a fixed order. Never iterate HELD_OUT itself: a frozenset's
-# order depends on the per-process string hash seed, which would break determinism.
+# Every (colour, shape) pair in a fixed order: never iterate HELD_OUT, a frozenset's order varies between processes.
 ALL_PAIRS = tuple((c, s) for c in COLORS for s in SHAPES)
 SEEN_PAIRS = tuple(p for p in ALL_PAIRS if p not in HELD_OUT)
 HELD_OUT_PAIRS = tuple(p for p in ALL_PAIRS if p in HELD_OUT)
@@ -216,7 +215,6 @@ class ShapesWorld:
         n = 4 if soft else 1  # samples per pixel side
         shift = rng.uniform(-0.5, 0.5, (2, B, MAX_OBJECTS)) if soft else np.zeros((2, B, MAX_OBJECTS))
         grid = (torch.arange(S * n, device=dev, dtype=torch.float32) + 0.5) / n  # sample positions, in pixels
-        # One row per object: its image, slot, shape and colour.
         rows = [(b, o, SHAPES.index(shape), COLOR_NAMES.index(color))
                 for b, spec in enumerate(specs) for o, (color, shape) in enumerate(spec.objects)]
         img, slot, shape, color = np.array(rows).T  # (K,) each
@@ -247,10 +245,9 @@ class ShapesWorld:
         self.rng.bit_generator.state = d["rng"]
 
 class WorldPool:
-    """A fixed sample of the shapes world encoded once by the frozen tokenizer, for the flow stage. On a CPU,
-    rendering and encoding cost a good share of a flow step; pictures drawn again and again (each draw
-    re-samples the posterior) buy that time back. The pictures come from their own stream seeded by `seed`
-    (a resumed run rebuilds the same pool); which ones a batch takes, from `world`'s checkpointed generator."""
+    """A fixed sample of the shapes world encoded once by the frozen tokenizer, for the flow stage: on a CPU,
+    rendering and encoding cost a good share of a flow step. Its pictures come from their own stream seeded by
+    `seed` (a resumed run rebuilds the same pool); which ones a batch takes, from `world`'s checkpointed generator."""
     @torch.no_grad()
     def __init__(self, world, tokenizer, n, seed, batch=500):
         source = ShapesWorld(world.image_size, world.hold_out, seed=seed, device=world.device)
@@ -331,8 +328,7 @@ def find_objects(images):
     # Crop every component at its box's top-left, all crops the size of the largest box.
     C = int(torch.maximum(x1 - x0, y1 - y0).max())
     offs = torch.arange(C, device=dev)
-    ys = (y0[:, None] + offs).clamp(max=S - 1)  # (K, C)
-    xs = (x0[:, None] + offs).clamp(max=S - 1)  # (K, C)
+    ys, xs = ((v[:, None] + offs).clamp(max=S - 1) for v in (y0, x0))  # (K, C) each
     labels = lab.view(B, S, S)
     ious = torch.cat([  # in chunks, which bounds memory when noisy images have many large blobs
         _template_iou(labels[img[i:j, None, None], ys[i:j, :, None], xs[i:j, None, :]] == roots[i:j, None, None],
@@ -387,10 +383,9 @@ def eval_images(image_size, specs, split, device, soft=False):
 
 @torch.no_grad()
 def evaluate(tokenizer, model, bpe, s, n, split="val", directions=("t2i", "i2t"), inverse=False, hold_out=True):
-    """Judge accuracy per family on seen and held-out prompts of a split (n per family each), drawn with the
-    sampling settings s: text -> image, and with 'i2t' image -> text (the likeliest caption and the best of
-    s.candidates; on the world's renders and on soft ones), both round trips, and the text decoder's
-    exact-match round trip decode(encode(caption))."""
+    """Judge accuracy per family on seen and held-out prompts of a split (n per family each) with the sampling
+    settings s: text -> image, and with 'i2t' image -> text (the likeliest caption and the best of s.candidates,
+    on the world's renders and on soft ones), both round trips and the text decoder's decode(encode(caption))."""
     res, dev = {}, tokenizer.scale_factor.device
     likeliest = dataclasses.replace(s, candidates=1)
     for pairs in ("seen", "heldout"):
@@ -426,13 +421,11 @@ def evaluate_tokenizer(tokenizer, n, bpe=None, images=None, captions=None, guida
     images or of a split's evaluation renders (n per family, seen and held-out). 'recon_blind' decodes without
     the captions; 'recon' lets a text-aware decoder read them (bpe given), with decoder guidance `guidance`."""
     dev = tokenizer.scale_factor.device
-
     def recon_psnr(img, caps):
         ids = bpe.encode(caps).to(dev) if caps is not None and bpe is not None else None
         rec = tokenizer.decode(tokenizer.encode(img)[0], ids, guidance).clamp(0, 1)
         mse = (rec - img).pow(2).flatten(1).mean(1)
         return rec, (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()
-
     if images is not None:
         return {"recon": {"psnr": recon_psnr(images, captions)[1]}}
     res = {}
@@ -530,11 +523,8 @@ def _txt_entries(root, skipped):
     entries = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            stem, ext = os.path.splitext(name)
-            if name.startswith(".") or ext.lower() not in IMAGE_EXTS:
-                continue
-            txt = os.path.join(dirpath, stem + ".txt")
+        for name in sorted(f for f in filenames if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS)):
+            txt = os.path.join(dirpath, os.path.splitext(name)[0] + ".txt")
             if os.path.isfile(txt):
                 entries[os.path.join(dirpath, name)] = [_read_text(txt)]
             else:
@@ -606,10 +596,9 @@ def _clean_caption(text, skipped):
     return text or None
 
 class CaptionedImages:
-    """Your (image, caption) pairs with ShapesWorld's interface: batch(n), state_dict(), captions(). Epochs
-    are seeded permutations (each image once per epoch); with several captions per image one is drawn at each
-    use. Preprocessed images are kept in memory up to cache_mb, a fixed set filled at open time (under
-    shuffled epochs an LRU smaller than the data never hits). Opening prints one summary line."""
+    """Your (image, caption) pairs with ShapesWorld's interface: batch(n), state_dict(), captions(). Epochs are
+    seeded permutations, one of an image's captions drawn at each use. Up to cache_mb of preprocessed images stay
+    in memory, a fixed set filled at open time (under shuffled epochs an LRU smaller than the data never hits)."""
     def __init__(self, path, image_size, seed=0, device="cpu", image_root=None, cache_mb=512):
         self.path, self.image_size, self.device = path, image_size, torch.device(device)
         self.format, entries, self.skipped = _find_format(path, image_root)
@@ -710,9 +699,8 @@ class CaptionedImages:
 open_dataset = CaptionedImages  # your captioned images in whichever layout they are (see the top of this part)
 
 class LatentCache:
-    """Your dataset encoded once by the frozen tokenizer, as FlowTok's own pipeline trains on pre-tokenized
-    latents: every image's posterior mean and log-variance (N, 2, K, C) in a memory-mapped float16 .npy,
-    re-sampled at every use. Rebuilt when the data or the tokenizer changes."""
+    """Your dataset encoded once by the frozen tokenizer, as FlowTok's own pipeline trains on pre-tokenized latents:
+    posterior mean, log-variance (N, 2, K, C) in a memory-mapped float16 .npy; rebuilt when data or tokenizer change."""
     @torch.no_grad()
     def __init__(self, ds, path, tokenizer, batch=256):
         self.ds = ds
@@ -740,7 +728,7 @@ class LatentCache:
         ds.bad = sorted(set(ds.bad) | set(json.load(open(meta))["bad"]))
 
     def batch(self, n):
-        """-> posterior mean, logvar (n, K, C) on the device, n captions, [None] * n."""
+        """-> posterior mean, logvar (n, K, C) on the device (to re-sample from), n captions, [None] * n."""
         idx, _, caps = zip(*self.ds.items(n, load=False))
         m = torch.from_numpy(self.moments[np.array(idx)].astype(np.float32)).to(self.ds.device)  # (n, 2, K, C)
         return m[:, 0], m[:, 1], list(caps), [None] * n

@@ -3,8 +3,7 @@
    shapes on white captioned in a tiny canonical grammar (vocabulary -> specs and captions -> sampling -> rendering).
 2. The judge: says exactly whether a picture (or a caption) matches a prompt; usable alone. Beside it, the
    evaluation of a trained model with it, on validation or test prompts.
-3. Your own captioned images (three folder layouts) with the shapes world's interface; picture grids and charts.
-"""
+3. Your own captioned images (three folder layouts) with the shapes world's interface; picture grids and charts."""
 import csv
 import dataclasses
 import glob
@@ -14,6 +13,7 @@ import math
 import os
 import re
 import sys
+import textwrap
 import time
 import warnings
 import zlib
@@ -44,8 +44,7 @@ RELATION_AXIS = {"to the left of": (0, -1), "to the right of": (0, 1), "above": 
 COUNT_WORDS = {2: "two", 3: "three"}
 MAX_OBJECTS = 3
 
-# Every (colour, shape) pair in a fixed order. Never iterate HELD_OUT itself: a frozenset's
-# order depends on the per-process string hash seed, which would break determinism.
+# Every (colour, shape) pair in a fixed order: never iterate HELD_OUT, a frozenset's order varies between processes.
 ALL_PAIRS = tuple((c, s) for c in COLORS for s in SHAPES)
 SEEN_PAIRS = tuple(p for p in ALL_PAIRS if p not in HELD_OUT)
 HELD_OUT_PAIRS = tuple(p for p in ALL_PAIRS if p in HELD_OUT)
@@ -109,8 +108,7 @@ def normalize(spec):
     """Rewrite 'right of'/'below' as 'left of'/'above' with the objects swapped: same picture-meaning."""
     flipped = {"to the right of": "to the left of", "below": "above"}
     if spec.family == "relation" and spec.relation in flipped:
-        a, b = spec.objects
-        return Spec("relation", (b, a), spec.size, flipped[spec.relation])
+        return Spec("relation", spec.objects[::-1], spec.size, flipped[spec.relation])
     return spec
 
 def same_meaning(a, b):
@@ -140,9 +138,8 @@ def _spec_from_uniforms(family, u, pairs_a, pairs_b):
 EVAL_SEEDS = {"val": (1234, 4321), "test": (2718, 3141), "grid": (7, 7)}
 
 def eval_specs(pairs, n_per_family, split="val", hold_out=True):
-    """Fixed evaluation prompts of a split, n_per_family per family in FAMILIES order.
-    pairs 'seen': the training distribution (every pair if hold_out is False). 'heldout': every
-    spec contains a HELD_OUT pair (held-out single and count prompts have 8 distinct captions)."""
+    """Fixed evaluation prompts of a split, n_per_family per family in FAMILIES order. pairs 'seen': the training
+    distribution (every pair if not hold_out); 'heldout': each has a HELD_OUT pair (single, count: 8 captions each)."""
     assert pairs in ("seen", "heldout") and split in EVAL_SEEDS
     rng = np.random.default_rng(EVAL_SEEDS[split][0])
     seen = SEEN_PAIRS if hold_out else ALL_PAIRS
@@ -159,10 +156,8 @@ def eval_specs(pairs, n_per_family, split="val", hold_out=True):
 # the world
 class ShapesWorld:
     """An endless stream of (image, caption, spec) batches, deterministic for a seed."""
-
-    def __init__(self, image_size=64, hold_out=True, seed=0, device="cpu", family_probs=(1 / 3, 1 / 3, 1 / 3)):
+    def __init__(self, image_size=64, hold_out=True, seed=0, device="cpu"):
         self.image_size, self.hold_out, self.device = image_size, hold_out, torch.device(device)
-        self.family_cdf = np.cumsum(family_probs) / np.sum(family_probs)
         self.rng = np.random.default_rng(seed)
         self.pairs = SEEN_PAIRS if hold_out else ALL_PAIRS
         self.palette = torch.tensor(list(COLORS.values()), device=self.device, dtype=torch.float32) / 255  # (6, 3)
@@ -172,11 +167,8 @@ class ShapesWorld:
         return [caption(s) for s in ShapesWorld(self.image_size, self.hold_out, seed=0).sample_specs(n)]
 
     def sample_specs(self, n):
-        specs = []
-        for u in self.rng.random((n, 6)):
-            family = FAMILIES[min(int(np.searchsorted(self.family_cdf, u[0], side="right")), 2)]
-            specs.append(_spec_from_uniforms(family, u, self.pairs, self.pairs))
-        return specs
+        return [_spec_from_uniforms(FAMILIES[int(u[0] * 3)], u, self.pairs, self.pairs)  # u[0]: family, a third each
+                for u in self.rng.random((n, 6))]
 
     def layout(self, specs, rng=None):
         """Random placement obeying the spec's constraints, by vectorised rejection sampling.
@@ -223,7 +215,6 @@ class ShapesWorld:
         n = 4 if soft else 1  # samples per pixel side
         shift = rng.uniform(-0.5, 0.5, (2, B, MAX_OBJECTS)) if soft else np.zeros((2, B, MAX_OBJECTS))
         grid = (torch.arange(S * n, device=dev, dtype=torch.float32) + 0.5) / n  # sample positions, in pixels
-        # One row per object: its image, slot, shape and colour.
         rows = [(b, o, SHAPES.index(shape), COLOR_NAMES.index(color))
                 for b, spec in enumerate(specs) for o, (color, shape) in enumerate(spec.objects)]
         img, slot, shape, color = np.array(rows).T  # (K,) each
@@ -254,11 +245,9 @@ class ShapesWorld:
         self.rng.bit_generator.state = d["rng"]
 
 class WorldPool:
-    """A fixed sample of the shapes world encoded once by the frozen tokenizer, for the flow stage. On a CPU,
-    rendering and encoding cost a good share of a flow step; pictures drawn again and again (each draw
-    re-samples the posterior) buy that time back. The pictures come from their own stream seeded by `seed`
-    (a resumed run rebuilds the same pool); which ones a batch takes, from `world`'s checkpointed generator."""
-
+    """A fixed sample of the shapes world encoded once by the frozen tokenizer, for the flow stage: on a CPU,
+    rendering and encoding cost a good share of a flow step. Its pictures come from their own stream seeded by
+    `seed` (a resumed run rebuilds the same pool); which ones a batch takes, from `world`'s checkpointed generator."""
     @torch.no_grad()
     def __init__(self, world, tokenizer, n, seed, batch=500):
         source = ShapesWorld(world.image_size, world.hold_out, seed=seed, device=world.device)
@@ -317,8 +306,7 @@ def _template_iou(comp, area, w, h):
 def find_objects(images):
     """Objects by the judging rules in images (B, 3, S, S), float in [0, 1] or uint8. -> per image a list of
     dicts: color, shape (None below IoU 0.5), size, cx, cy (box centre, pixels), bbox (x0, y0, x1, y1 exclusive)."""
-    rgb = images.float() if images.dtype == torch.uint8 else images.float() * 255
-    rgb = rgb.permute(0, 2, 3, 1)  # (B, S, S, 3)
+    rgb = (images.float() if images.dtype == torch.uint8 else images.float() * 255).permute(0, 2, 3, 1)  # (B, S, S, 3)
     B, S, dev = rgb.shape[0], rgb.shape[1], rgb.device
     palette = torch.tensor(list(COLORS.values()), device=dev, dtype=torch.float32)  # (6, 3)
     # Squared distances as |p|^2 - 2 p.c + |c|^2: one matmul, exact for whole-number pixel values.
@@ -340,8 +328,7 @@ def find_objects(images):
     # Crop every component at its box's top-left, all crops the size of the largest box.
     C = int(torch.maximum(x1 - x0, y1 - y0).max())
     offs = torch.arange(C, device=dev)
-    ys = (y0[:, None] + offs).clamp(max=S - 1)  # (K, C)
-    xs = (x0[:, None] + offs).clamp(max=S - 1)  # (K, C)
+    ys, xs = ((v[:, None] + offs).clamp(max=S - 1) for v in (y0, x0))  # (K, C) each
     labels = lab.view(B, S, S)
     ious = torch.cat([  # in chunks, which bounds memory when noisy images have many large blobs
         _template_iou(labels[img[i:j, None, None], ys[i:j, :, None], xs[i:j, None, :]] == roots[i:j, None, None],
@@ -396,10 +383,9 @@ def eval_images(image_size, specs, split, device, soft=False):
 
 @torch.no_grad()
 def evaluate(tokenizer, model, bpe, s, n, split="val", directions=("t2i", "i2t"), inverse=False, hold_out=True):
-    """Judge accuracy per family on seen and held-out prompts of a split (n per family each), drawn with the
-    sampling settings s: text -> image, and with 'i2t' image -> text (the likeliest caption and the best of
-    s.candidates; on the world's renders and on soft ones), both round trips, and the text decoder's
-    exact-match round trip decode(encode(caption))."""
+    """Judge accuracy per family on seen and held-out prompts of a split (n per family each) with the sampling
+    settings s: text -> image, and with 'i2t' image -> text (the likeliest caption and the best of s.candidates,
+    on the world's renders and on soft ones), both round trips and the text decoder's decode(encode(caption))."""
     res, dev = {}, tokenizer.scale_factor.device
     likeliest = dataclasses.replace(s, candidates=1)
     for pairs in ("seen", "heldout"):
@@ -435,13 +421,11 @@ def evaluate_tokenizer(tokenizer, n, bpe=None, images=None, captions=None, guida
     images or of a split's evaluation renders (n per family, seen and held-out). 'recon_blind' decodes without
     the captions; 'recon' lets a text-aware decoder read them (bpe given), with decoder guidance `guidance`."""
     dev = tokenizer.scale_factor.device
-
     def recon_psnr(img, caps):
         ids = bpe.encode(caps).to(dev) if caps is not None and bpe is not None else None
         rec = tokenizer.decode(tokenizer.encode(img)[0], ids, guidance).clamp(0, 1)
         mse = (rec - img).pow(2).flatten(1).mean(1)
         return rec, (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()
-
     if images is not None:
         return {"recon": {"psnr": recon_psnr(images, captions)[1]}}
     res = {}
@@ -500,14 +484,12 @@ def _open_rgb(path, size):
         raise ValueError(f"{path}: not a readable image ({type(e).__name__})") from None
 
 def _resize_crop(im, size):
-    """Shorter side resized to size (bicubic), centre crop; no flip: captions say left and right. -> uint8
-    (3, size, size)."""
+    """Shorter side resized to size (bicubic), centre crop; no flip: captions say left and right. -> uint8 (3, S, S)"""
     w, h = im.size
     s = size / min(w, h)
-    im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    left, top = (im.width - size) // 2, (im.height - size) // 2
-    im = im.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+    a = np.asarray(im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC))  # (H, W, 3)
+    top, left = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
+    return torch.from_numpy(a[top:top + size, left:left + size].copy()).permute(2, 0, 1)
 
 def load_image(path, size):
     """Any image Pillow opens -> (3, size, size) float in [0, 1], preprocessed as for training."""
@@ -525,7 +507,7 @@ def _imagefolder_entries(root, meta, skipped):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
-                skipped["bad metadata line"] += 1
+                rows.append(None)  # a bad metadata line, counted below
     else:
         rows = list(csv.DictReader(io.StringIO(_read_text(meta), newline="")))
     entries = {}
@@ -541,11 +523,8 @@ def _txt_entries(root, skipped):
     entries = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            stem, ext = os.path.splitext(name)
-            if name.startswith(".") or ext.lower() not in IMAGE_EXTS:
-                continue
-            txt = os.path.join(dirpath, stem + ".txt")
+        for name in sorted(f for f in filenames if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS)):
+            txt = os.path.join(dirpath, os.path.splitext(name)[0] + ".txt")
             if os.path.isfile(txt):
                 entries[os.path.join(dirpath, name)] = [_read_text(txt)]
             else:
@@ -568,13 +547,13 @@ def _coco_entries(ann, image_root, skipped):
             caps.setdefault(a["image_id"], []).append(a["caption"])
         else:
             skipped["bad metadata line"] += 1
+    skipped["no caption"] += sum(i not in caps for i in images)
     here = os.path.dirname(os.path.abspath(ann))
     split = os.path.basename(ann)[len("captions_"):-len(".json")]
     roots = [image_root] if image_root else [here, os.path.join(here, split),
                                              os.path.join(os.path.dirname(here), split)]
-    names = list(images.values())[:100]
-    root = max(roots, key=lambda r: sum(os.path.isfile(os.path.join(r, n)) for n in names))  # first wins ties
-    skipped["no caption"] += sum(i not in caps for i in images)
+    names = list(images.values())[:100]  # the root holding most of the first 100 images; the first wins ties
+    root = max(roots, key=lambda r: sum(os.path.isfile(os.path.join(r, n)) for n in names))
     return {os.path.join(root, name): caps[i] for i, name in images.items() if i in caps}
 
 def _find_format(path, image_root):
@@ -583,27 +562,26 @@ def _find_format(path, image_root):
     if not os.path.exists(path):
         raise ValueError(f"dataset {path}: no such file or folder: give a folder of captioned images or a COCO "
                          "captions_*.json")
-    if os.path.isfile(path):
-        if os.path.basename(path) in ("metadata.jsonl", "metadata.csv"):
-            return "imagefolder", _imagefolder_entries(os.path.dirname(os.path.abspath(path)), path, skipped), skipped
-        if path.endswith(".json"):
-            return "coco", _coco_entries(path, image_root, skipped), skipped
-        raise ValueError(f"dataset {path}: a file but not a COCO captions_*.json or a metadata.jsonl/.csv: "
-                         "give the folder holding your images instead")
-    for meta in ("metadata.jsonl", "metadata.csv"):
-        if os.path.isfile(os.path.join(path, meta)):
-            return "imagefolder", _imagefolder_entries(path, os.path.join(path, meta), skipped), skipped
-    anns = sorted(glob.glob(os.path.join(path, "captions_*.json")) +
-                  glob.glob(os.path.join(path, "annotations", "captions_*.json")))
-    if len(anns) > 1:
-        raise ValueError(f"dataset {path}: several COCO caption files ({', '.join(map(os.path.basename, anns))}): "
-                         "give the one to train on as the path")
-    if anns:
-        return "coco", _coco_entries(anns[0], image_root, skipped), skipped
-    if entries := _txt_entries(path, skipped):
-        return "txt", entries, skipped
-    raise ValueError(f"dataset {path}: no metadata.jsonl/metadata.csv, no captions_*.json and no image with a "
-                     "same-named .txt caption: put your captions in one of these layouts")
+    root = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):  # a metadata file first, else one COCO captions file, else .txt captions
+        metas = [f for f in (os.path.join(path, m) for m in ("metadata.jsonl", "metadata.csv")) if os.path.isfile(f)]
+        found = metas[:1] or sorted(glob.glob(os.path.join(path, "captions_*.json")) +
+                                    glob.glob(os.path.join(path, "annotations", "captions_*.json")))
+        if len(found) > 1:
+            raise ValueError(f"dataset {path}: several COCO caption files ({', '.join(map(os.path.basename, found))})"
+                             ": give the one to train on as the path")
+        if not found:
+            if entries := _txt_entries(path, skipped):
+                return "txt", entries, skipped
+            raise ValueError(f"dataset {path}: no metadata.jsonl/metadata.csv, no captions_*.json and no image "
+                             "with a same-named .txt caption: put your captions in one of these layouts")
+        root, path = path, found[0]
+    if os.path.basename(path) in ("metadata.jsonl", "metadata.csv"):
+        return "imagefolder", _imagefolder_entries(root, path, skipped), skipped
+    if path.endswith(".json"):
+        return "coco", _coco_entries(path, image_root, skipped), skipped
+    raise ValueError(f"dataset {path}: a file but not a COCO captions_*.json or a metadata.jsonl/.csv: "
+                     "give the folder holding your images instead")
 
 def _clean_caption(text, skipped):
     """The caption with whitespace runs (newlines too) as one space, or None with its skip reason counted."""
@@ -618,11 +596,9 @@ def _clean_caption(text, skipped):
     return text or None
 
 class CaptionedImages:
-    """Your (image, caption) pairs with ShapesWorld's interface: batch(n), state_dict(), captions(). Epochs
-    are seeded permutations (each image once per epoch); with several captions per image one is drawn at each
-    use. Preprocessed images are kept in memory up to cache_mb, a fixed set filled at open time (under
-    shuffled epochs an LRU smaller than the data never hits). Opening prints one summary line."""
-
+    """Your (image, caption) pairs with ShapesWorld's interface: batch(n), state_dict(), captions(). Epochs are
+    seeded permutations, one of an image's captions drawn at each use. Up to cache_mb of preprocessed images stay
+    in memory, a fixed set filled at open time (under shuffled epochs an LRU smaller than the data never hits)."""
     def __init__(self, path, image_size, seed=0, device="cpu", image_root=None, cache_mb=512):
         self.path, self.image_size, self.device = path, image_size, torch.device(device)
         self.format, entries, self.skipped = _find_format(path, image_root)
@@ -654,10 +630,10 @@ class CaptionedImages:
         usable = f"{len(self.files)} usable images with {sum(map(len, self.caps))} captions" if self.files else \
             "no usable image-caption pair"
         skipped = ", ".join(f"{self.skipped[r]} {r}" for r in SKIP_REASONS if self.skipped[r]) or "nothing"
-        self.summary = f"dataset {path}: {usable} ({self.format}); skipped {skipped}"
+        summary = f"dataset {path}: {usable} ({self.format}); skipped {skipped}"
         if not self.files:
-            raise ValueError(self.summary + ": fix those files or point at another dataset")
-        print(self.summary)
+            raise ValueError(summary + ": fix those files or point at another dataset")
+        print(summary)
         self.fingerprint = zlib.crc32("\n".join(self.files).encode("utf-8", "surrogateescape"))
         self.rng = np.random.default_rng(seed)
         self.bad = []  # indices that passed the scan but failed to decode later: out of every later epoch
@@ -671,9 +647,10 @@ class CaptionedImages:
 
     def _load(self, i):
         """Image i as uint8 (3, S, S); None if it fails to decode now (it is skipped from then on)."""
+        if i in self.cache:
+            return self.cache[i]
         try:
-            return self.cache[i] if i in self.cache else _resize_crop(_open_rgb(self.files[i], self.image_size),
-                                                                      self.image_size)
+            return _resize_crop(_open_rgb(self.files[i], self.image_size), self.image_size)
         except ValueError as e:
             print(f"warning: {e}: skipped from now on", file=sys.stderr)
             self.bad.append(i)
@@ -722,42 +699,36 @@ class CaptionedImages:
 open_dataset = CaptionedImages  # your captioned images in whichever layout they are (see the top of this part)
 
 class LatentCache:
-    """Your dataset encoded once by the frozen tokenizer, as FlowTok's own pipeline trains on pre-tokenized
-    latents: every image's posterior mean and log-variance (N, 2, K, C) in a memory-mapped float16 .npy,
-    re-sampled at every use. Rebuilt when the data or the tokenizer changes."""
-
+    """Your dataset encoded once by the frozen tokenizer, as FlowTok's own pipeline trains on pre-tokenized latents:
+    posterior mean, log-variance (N, 2, K, C) in a memory-mapped float16 .npy; rebuilt when data or tokenizer change."""
+    @torch.no_grad()
     def __init__(self, ds, path, tokenizer, batch=256):
-        self.ds, self.path = ds, path
+        self.ds = ds
+        N, K, C = len(ds), tokenizer.cfg.num_tokens, tokenizer.cfg.token_dim
         weights = sum(float(v.double().sum()) for v in tokenizer.state_dict().values())
-        key = f"{ds.fingerprint}-{len(ds)}-{tokenizer.cfg.num_tokens}x{tokenizer.cfg.token_dim}-{weights:.10e}"
-        meta = path + ".json"
+        key, meta = f"{ds.fingerprint}-{N}-{K}x{C}-{weights:.10e}", path + ".json"
         if not (os.path.exists(path) and os.path.exists(meta) and json.load(open(meta))["key"] == key):
-            self._build(tokenizer, key, batch)
+            tmp = f"{path}.{os.getpid()}.tmp.npy"  # per process: DDP ranks may build it at the same time
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(N, 2, K, C))
+            t0 = time.time()
+            for start in range(0, N, batch):
+                loaded = [(i, img) for i in range(start, min(N, start + batch)) if (img := ds._load(i)) is not None]
+                if loaded:
+                    x = torch.stack([img for _, img in loaded]).to(ds.device).float() / 255
+                    out[[i for i, _ in loaded]] = torch.stack(tokenizer.encode(x), 1).cpu().numpy().astype(np.float16)
+                print(f"latent cache: {min(N, start + batch)}/{N} images encoded", end="\r", flush=True)
+            out.flush()
+            del out  # closed before the rename
+            os.replace(tmp, path)  # atomic: a half-written cache is never picked up
+            with open(f"{tmp}.json", "w") as f:
+                json.dump({"key": key, "bad": list(ds.bad)}, f)
+            os.replace(f"{tmp}.json", meta)
+            print(f"latent cache: {N} images encoded in {time.time() - t0:.0f} s -> {path}")
         self.moments = np.load(path, mmap_mode="r")  # (N, 2, K, C) float16, paged in on demand
         ds.bad = sorted(set(ds.bad) | set(json.load(open(meta))["bad"]))
 
-    @torch.no_grad()
-    def _build(self, tokenizer, key, batch):
-        N, K, C = len(self.ds), tokenizer.cfg.num_tokens, tokenizer.cfg.token_dim
-        tmp = f"{self.path}.{os.getpid()}.tmp.npy"  # per process: DDP ranks may build it at the same time
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(N, 2, K, C))
-        t0 = time.time()
-        for start in range(0, N, batch):
-            loaded = [(i, img) for i in range(start, min(N, start + batch)) if (img := self.ds._load(i)) is not None]
-            if loaded:
-                x = torch.stack([img for _, img in loaded]).to(self.ds.device).float() / 255
-                out[[i for i, _ in loaded]] = torch.stack(tokenizer.encode(x), 1).cpu().numpy().astype(np.float16)
-            print(f"latent cache: {min(N, start + batch)}/{N} images encoded", end="\r", flush=True)
-        out.flush()
-        del out
-        os.replace(tmp, self.path)  # atomic: a half-written cache is never picked up
-        with open(f"{tmp}.json", "w") as f:
-            json.dump({"key": key, "bad": list(self.ds.bad)}, f)
-        os.replace(f"{tmp}.json", self.path + ".json")
-        print(f"latent cache: {N} images encoded in {time.time() - t0:.0f} s -> {self.path}")
-
     def batch(self, n):
-        """-> posterior mean, logvar (n, K, C) on the device, n captions, [None] * n."""
+        """-> posterior mean, logvar (n, K, C) on the device (to re-sample from), n captions, [None] * n."""
         idx, _, caps = zip(*self.ds.items(n, load=False))
         m = torch.from_numpy(self.moments[np.array(idx)].astype(np.float32)).to(self.ds.device)  # (n, 2, K, C)
         return m[:, 0], m[:, 1], list(caps), [None] * n
@@ -770,7 +741,7 @@ def save_png(img, path):
     return img
 
 def save_grid(images, labels, path, cols=8, cell=128):
-    """images (B, 3, S, S) in [0, 1] -> one PNG, each label written under its picture (see save_png)."""
+    """images (B, 3, S, S) in [0, 1] -> one PNG, each label written under its picture in up to 3 lines."""
     font = ImageFont.load_default(size=11)
     cols, text_h = min(cols, len(images)), 40
     canvas = Image.new("RGB", (cols * cell, math.ceil(len(images) / cols) * (cell + text_h)), "white")
@@ -779,7 +750,8 @@ def save_grid(images, labels, path, cols=8, cell=128):
     for i in range(len(images)):
         x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
         canvas.paste(Image.fromarray(arr[i]).resize((cell, cell), Image.NEAREST), (x, y))
-        draw.multiline_text((x + 3, y + cell + 2), wrap(labels[i], 22), fill="black", font=font, spacing=1)
+        lines = textwrap.wrap(" ".join(labels[i].split()), 22, break_long_words=False, break_on_hyphens=False)
+        draw.multiline_text((x + 3, y + cell + 2), "\n".join(lines[:3]), fill="black", font=font, spacing=1)
     return save_png(canvas, path)
 
 # matplotlib's "tab10" colours, in its order
@@ -787,9 +759,8 @@ CHART_COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (1
                 (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 
 def line_chart(series, path=None, title="", xlabel="", ylabel="", ylim=None, logy=False, size=(480, 300)):
-    """{name: (xs, ys)} -> a line chart drawn with Pillow alone: framed axes with 5 ticks each, every point
-    marked, a legend on the right. ylim fixes the y range (e.g. (0, 1) for accuracies); logy plots log10(y),
-    leaving out y <= 0. -> the PIL image (see save_png)."""
+    """{name: (xs, ys)} -> a line chart drawn with Pillow alone: framed axes with 5 ticks each, every point marked,
+    a legend on the right. ylim fixes the y range; logy plots log10(y), leaving out y <= 0. -> the PIL image."""
     font = ImageFont.load_default(size=11)
     pts = {name: [(x, math.log10(y) if logy else y) for x, y in zip(xs, ys) if y > 0 or not logy]
            for name, (xs, ys) in series.items()}
@@ -822,14 +793,3 @@ def line_chart(series, path=None, title="", xlabel="", ylabel="", ylim=None, log
     d.text(((left + W - right) / 2, H - 4), xlabel, fill="black", font=font, anchor="mb")
     d.text((4, 4), ylabel, fill="black", font=font)
     return save_png(img, path)
-
-def wrap(text, width, max_lines=3):
-    """Words into lines of at most `width` characters (a longer word stays whole)."""
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return "\n".join((lines + [line])[:max_lines])

@@ -79,11 +79,7 @@ def bench_variant(bc, tokenizer_cfg, flow_cfg, s, compiled, bf16, parts=("tokeni
         ft.use_manual_attention(m, bf16 and dev.type == "cpu")  # as train.py does
     rows = {}
 
-    def measure(name, fn, n, flops=None, iters=bc.iters):  # n images per call, flops per image
-        dt = timed(fn, iters, dev)
-        rows[name] = (dt, n / dt, flops and flops * n / dt)
-
-    def train_step(module, *inputs):
+    def train_step(name, module, inputs, n):  # a training step on n pictures, timed
         opt = ft.make_optimizer(module, 1e-4, 0.0, dev)
         net = torch.compile(module) if compiled else module
 
@@ -93,17 +89,17 @@ def bench_variant(bc, tokenizer_cfg, flow_cfg, s, compiled, bf16, parts=("tokeni
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return step
+        dt = timed(step, bc.iters, dev)
+        rows[name] = (dt, n / dt, module.flops() * n / dt)
 
     if "tokenizer" in parts:
         img, captions, _ = world.batch(bc.tokenizer_batch)
-        step = train_step(tokenizer, img, bpe.encode(captions).to(dev))
-        measure("tokenizer step", step, bc.tokenizer_batch, tokenizer.flops())
+        train_step("tokenizer step", tokenizer, (img, bpe.encode(captions).to(dev)), bc.tokenizer_batch)
     img, captions, _ = world.batch(bc.flow_batch)
     ids = bpe.encode(captions).to(dev)
     z = tokenizer.requires_grad_(False).latents(img).float()  # the latent pool's case: pictures encoded once
     if "flow" in parts:
-        measure("flow step", train_step(model, ids, z, ids), bc.flow_batch, model.flops())
+        train_step("flow step", model, (ids, z, ids), bc.flow_batch)
     if "sampling" in parts:  # text encoder -> 2 x steps flow passes -> decoder (twice, decoder guidance),
         prompts = (captions * (64 // len(captions) + 1))[:64]  # then the re-encode rounds
         if compiled:  # the flow transformer is what runs 2 x steps times
@@ -112,7 +108,8 @@ def bench_variant(bc, tokenizer_cfg, flow_cfg, s, compiled, bf16, parts=("tokeni
         def sample():
             with autocast:
                 return ft.text_to_image(tokenizer, model, bpe, prompts, s)
-        measure(f"sampling ({s.steps} steps)", sample, 64, iters=max(3, bc.iters // 4))
+        dt = timed(sample, max(3, bc.iters // 4), dev)
+        rows[f"sampling ({s.steps} steps)"] = (dt, 64 / dt, None)
     return rows
 
 def timing_rows(bc, tokenizer_cfg, flow_cfg, s, variants, peak, parts=("tokenizer", "flow", "sampling")):

@@ -95,9 +95,9 @@ def sweep(tokenizer, model, bpe, s, ckpt_dir, n, split):
             ("t2i held-out", "t2i_heldout", "overall"))}, "training minutes",
               "text -> image accuracy (val) vs training")
 
-def load_images(paths, size):
+def load_images(paths, size, dev):
     """Files, and folders' image files (sorted). Loads what loads; a one-line error on stderr for each
-    file that does not. -> (images, their paths, number failed)."""
+    file that does not. -> (images (N, 3, S, S) on dev, or None; their paths; number failed)."""
     files = []
     for p in paths:
         files += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(data.IMAGE_EXTS)) \
@@ -109,16 +109,15 @@ def load_images(paths, size):
             loaded.append(path)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
-    return imgs, loaded, len(files) - len(loaded)
+    return torch.stack(imgs).to(dev) if imgs else None, loaded, len(files) - len(loaded)
 
 @torch.no_grad()
 def reconstruct(tokenizer, paths, dev, out, batch=256):
     """--recon: the tokenizer's round trip on image files or folders: mean PSNR over all of them, and
     a grid of the first 8 with each reconstruction under its original."""
-    imgs, loaded, failed = load_images(paths, tokenizer.cfg.image_size)
-    if not imgs:
+    imgs, loaded, failed = load_images(paths, tokenizer.cfg.image_size, dev)
+    if imgs is None:
         sys.exit("error: no image could be read from --recon")
-    imgs = torch.stack(imgs).to(dev)
     psnr = [data.evaluate_tokenizer(tokenizer, 0, images=imgs[i:i + batch])["recon"]["psnr"] * len(imgs[i:i + batch])
             for i in range(0, len(imgs), batch)]
     blind = " (decoded without captions)" if tokenizer.cfg.text_aware else ""
@@ -252,11 +251,10 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto: cuda -> mps -> cpu")
     ft.add_fields(p, ft.SampleConfig, "", "sampling settings (default: the checkpoint's)")
     a = p.parse_args(argv)
-    prompts = list(a.prompt)
-    if a.prompts_file:
-        if not os.path.exists(a.prompts_file):
-            sys.exit(f"error: prompts file {a.prompts_file} not found")
-        prompts += [l.strip() for l in open(a.prompts_file, encoding="utf-8", errors="replace") if l.strip()]
+    if a.prompts_file and not os.path.exists(a.prompts_file):
+        sys.exit(f"error: prompts file {a.prompts_file} not found")
+    lines = open(a.prompts_file, encoding="utf-8", errors="replace") if a.prompts_file else []
+    prompts = a.prompt + [l.strip() for l in lines if l.strip()]
     pictures = (prompts, a.interpolate, a.image and (a.edit or a.trajectory))  # the modes that write --out
     needs_flow = prompts or a.image or a.sweep or a.eval or a.interpolate or a.edit_eval  # --recon: the tokenizer
     if any(not x.strip() for x in a.prompt):
@@ -313,10 +311,10 @@ def main(argv=None):
         data.save_grid(imgs, labels, a.out, cols=a.num_samples if a.num_samples > 1 else 8)
         print(f"saved {len(labels)} samples to {a.out}")
     if a.image:
-        imgs, loaded, bad = load_images(a.image, tokenizer.cfg.image_size)
-        if not imgs:
+        imgs, loaded, bad = load_images(a.image, tokenizer.cfg.image_size, dev)
+        if imgs is None:
             sys.exit(1)  # load_images said why
-        failed, imgs = failed + bad, torch.stack(imgs).to(dev)
+        failed += bad
         if a.edit:
             read, redrawn, edits = edit(tokenizer, model, bpe, s, imgs, [a.edit] * len(imgs))
             for path, caption in zip(loaded, read):

@@ -177,11 +177,11 @@ def set_rng_state(state, dev):
     if dev.type == "cuda" and state.get("cuda_rng"):  # a CPU checkpoint continued on a GPU has none
         torch.cuda.set_rng_state_all(state["cuda_rng"])
 
-def fit(run, tc, stage, model, loss_fn, steps, batch, lr, flops_per_sample, state, world, weights,
-        on_step=None, on_eval=None):
-    """The loop both stages share: loss_fn(net) draws a batch -> (loss, stats); on_step(step) runs after each
-    step (EMA); every eval_interval steps and at the end, rank 0 saves weights() and the loop's state, then
-    calls on_eval(step, t_start)."""
+def fit(run, tc, stage, model, loss_fn, flops_per_sample, state, world, ema=None, on_eval=None):
+    """The loop both stages share, with tc's {stage}_steps, _batch and _lr: loss_fn(net) draws a batch -> (loss,
+    stats); the EMA, if any, follows each step; every eval_interval steps and at the end, rank 0 saves the model,
+    the EMA and the loop's state, then calls on_eval(step, t_start)."""
+    steps, batch, lr = (getattr(tc, f"{stage}_{k}") for k in ("steps", "batch", "lr"))
     opt = ft.make_optimizer(model, lr, tc.weight_decay, run.dev)
     step, t_start = 0, time.time() - state.get(f"{stage}_seconds", 0.0)  # the stage's clock runs on over resumes
     if state.get("stage") == stage and state.get("optimizer"):
@@ -209,8 +209,10 @@ def fit(run, tc, stage, model, loss_fn, steps, batch, lr, flops_per_sample, stat
         run.scaler.step(opt)
         run.scaler.update()
         opt.zero_grad(set_to_none=True)
-        if on_step:
-            on_step(step)
+        if ema is not None:  # a warmed-up decay, so that a short run's EMA is not stuck near the init
+            decay = min(tc.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
         step += 1
         logging = step % tc.log_interval == 0 or step == steps
         saving = step % tc.eval_interval == 0 or step == steps or run.stop
@@ -231,7 +233,8 @@ def fit(run, tc, stage, model, loss_fn, steps, batch, lr, flops_per_sample, stat
             run.print(f"{stage} {step}/{steps} | {losses} | {1000 * dt:.0f} ms/step | {effective / dt:.0f} img/s{mfu} "
                       f"| ETA {int(eta // 60)}:{int(eta % 60):02d}")
         if saving and run.master:
-            state.update(stage=stage, step=step, **weights(), optimizer=opt.state_dict(), world=world.state_dict(),
+            weights = {name: m.state_dict() for name, m in ((stage, model), ("ema", ema)) if m is not None}
+            state.update(stage=stage, step=step, **weights, optimizer=opt.state_dict(), world=world.state_dict(),
                          **rng_state(run.dev), **{f"{stage}_seconds": time.time() - t_start})
             ft.save_checkpoint(state, tc.out_dir)
             if on_eval and not run.stop:  # Ctrl-C: saved, nothing more
@@ -256,9 +259,7 @@ def train_tokenizer(run, tc, tokenizer, bpe, world, state):
     def loss_fn(net):
         img, captions, _ = world.batch(tc.tokenizer_batch)
         return net(img, bpe.encode(captions).to(run.dev, non_blocking=True))
-
-    fit(run, tc, "tokenizer", tokenizer, loss_fn, tc.tokenizer_steps, tc.tokenizer_batch, tc.tokenizer_lr,
-        tokenizer.flops(), state, world, lambda: {"tokenizer": tokenizer.state_dict()})
+    fit(run, tc, "tokenizer", tokenizer, loss_fn, tokenizer.flops(), state, world)
     # after training: scale latents to unit std for the flow (rank 0's factor for every rank)
     scale = tokenizer.fit_scale([peek(world, 512)[0]])
     if run.ddp:
@@ -294,11 +295,6 @@ def train_flow(run, tc, sample_cfg, tokenizer, model, ema, bpe, world, state):
         i2t = [data.caption(data.normalize(s)) if s else c for s, c in zip(specs, captions)]
         return net(ids, z_img, bpe.encode(i2t).to(run.dev, non_blocking=True))
 
-    def ema_step(step):  # a warmed-up decay, so that a short run's EMA is not stuck near the init
-        decay = min(tc.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-
     def evaluate(step, t_start):
         grid_prompts(tokenizer, ema, bpe, sample_cfg, tc, os.path.join(tc.out_dir, f"samples_{step:06d}.png"), world)
         if tc.data:  # the judge only knows the shapes world
@@ -312,8 +308,7 @@ def train_flow(run, tc, sample_cfg, tokenizer, model, ema, bpe, world, state):
 
     # + encoding pictures with the frozen tokenizer, unless they come encoded
     flops = model.flops() + (0 if cache else tokenizer.flops(train=False))
-    fit(run, tc, "flow", model, loss_fn, tc.flow_steps, tc.flow_batch, tc.flow_lr, flops, state, world,
-        lambda: {"flow": model.state_dict(), "ema": ema.state_dict()}, ema_step, evaluate)
+    fit(run, tc, "flow", model, loss_fn, flops, state, world, ema, evaluate)
 
 def grid_prompts(tokenizer, model, bpe, sample_cfg, tc, path, world, n=16):
     """A grid of samples: fixed shapes-world prompts (seen and held-out), or your data's captions."""
@@ -328,8 +323,7 @@ def main(argv=None):
     if tc.print_settings:  # what a preset means, exactly (bench.py reads the schedule from here)
         return print(json.dumps({k.rstrip(".") or "train": dataclasses.asdict(c) for k, c in
                                  zip(SECTIONS, (tc, tokenizer_cfg, flow_cfg, sample_cfg))}))
-    t0 = time.time()
-    state, path = {}, os.path.join(tc.out_dir, "ckpt.pt")
+    t0, state, path = time.time(), {}, os.path.join(tc.out_dir, "ckpt.pt")
     if tc.resume:
         state = ft.load_checkpoint(path)
         if tc.bf16 is None:  # continue in the precision the run started in

@@ -653,12 +653,14 @@ class SampleConfig:
                                 # redraws the picture best from is kept (1 = the most likely, unchecked)
     check_margin: float = 2.0   # image -> text: the check picks only among captions at most this many nats
                                 # less likely than the likeliest, by the text decoder (inf: any)
+    check_gain: float = 0.05    # image -> text: and only one whose redraw error is at least this share below
+                                # the likeliest caption's (0: any lower error); chosen on val
     from_mean: bool = False     # start text -> image at the text latent's mean instead of a sample
     reencode: int = 2           # text -> image: rounds of decode -> encode -> decode, which pull a drawn picture
                                 # onto what the tokenizer reconstructs (cleaner shapes); 0 = none
 
     def __post_init__(self):
-        check_ranges(self, positive=("steps", "i2t_steps", "candidates"))
+        check_ranges(self, positive=("steps", "i2t_steps", "candidates"), shares=("check_gain",))
 
 # Named presets, each a few overrides of the defaults by flag name. 'cpu' is the defaults, sized for a
 # 2-core CPU (its minutes are in the README). train.py picks 'gpu' on CUDA, 'cpu' elsewhere.
@@ -855,8 +857,8 @@ def text_to_image(tokenizer, model, bpe, prompts, s, seed=0, batch=256):
 def image_to_text(tokenizer, model, bpe, images, s, inverse=False, batch=256):
     """Images (B, 3, S, S) in [0, 1] -> B captions: the best of s.candidates (caption_candidates).
     inverse runs the text -> image field backwards, in s.steps (its paths are not straight)."""
-    best = [caption_candidates(tokenizer, model, images[i:i + batch], s.candidates,
-                               s.steps if inverse else s.i2t_steps, inverse, margin=s.check_margin)[:, 0]
+    best = [caption_candidates(tokenizer, model, images[i:i + batch], s.candidates, s.steps if inverse else s.i2t_steps,
+                               inverse, margin=s.check_margin, gain=s.check_gain)[:, 0]
             for i in range(0, len(images), batch)]  # (B, K) each
     return [bpe.decode(x) for ids in best for x in ids]
 
@@ -867,11 +869,12 @@ def pick_tokens(logits, generator=None):
     return torch.multinomial(logits.softmax(-1).flatten(0, 1), 1, generator=generator).view(logits.shape[:2])
 
 @torch.no_grad()
-def caption_candidates(tokenizer, model, img, n, steps=1, inverse=False, generator=None, margin=math.inf):
+def caption_candidates(tokenizer, model, img, n, steps=1, inverse=False, generator=None, margin=math.inf, gain=0.0):
     """Image -> text with a check FlowTok lacks: images (B, 3, S, S) -> n captions each (B, n, K), best first:
     the likeliest, then draws (the same each call by default). A text-aware decoder ranks them by how well it
     redraws the picture from latent and caption (a wrong word draws a wrong shape); captions over `margin`
-    nats less likely than the likeliest rank last, so a lucky redraw cannot outvote a sure reading."""
+    nats less likely than the likeliest rank last, so a lucky redraw cannot outvote a sure reading, and another
+    caption goes first only when it redraws at least a share `gain` better: a near tie keeps the likeliest."""
     z = tokenizer.latents(img, sample=False)
     logits = model.caption_logits(z, steps, inverse)  # (B, K, vocab)
     generator = generator or torch.Generator(img.device).manual_seed(0)
@@ -881,5 +884,6 @@ def caption_candidates(tokenizer, model, img, n, steps=1, inverse=False, generat
         logp = logits.log_softmax(-1)[:, None].expand(-1, n, -1, -1).gather(-1, cands[..., None])  # (B, n, K, 1)
         logp = logp.flatten(2).sum(2)  # (B, n): log-probability of each whole caption
         err = err.masked_fill(logp < logp[:, :1] - margin, math.inf)  # candidate 0 is the likeliest
+        err[:, 0] *= 1 - gain
         cands = cands.gather(1, err.argsort(dim=1, stable=True)[..., None].expand_as(cands))
     return cands  # (B, n, K)

@@ -66,12 +66,16 @@ def sweep(tokenizer, model, bpe, s, ckpt_dir, n, split):
         acc = i2t_accuracy(dataclasses.replace(s, i2t_steps=steps))
         i2t[steps] = acc["seen"]["overall"]
         row(steps, *cells(acc["seen"], acc["heldout"]))
-    table(f"\nimage -> text exact-caption accuracy vs the check's margin (nats below the likeliest caption), "
-          f"{split} pictures of the world's renderer and of the soft one, {s.i2t_steps} Euler step(s)",
-          "check margin", "seen", "held-out", "seen, soft renders", "held-out, soft renders")
-    for margin in (0.0, 1.0, 2.0, 4.0, 8.0, math.inf):
-        accs = [i2t_accuracy(dataclasses.replace(s, check_margin=margin), soft) for soft in (False, True)]
-        row(f"{margin:g}", *(acc[pairs]["overall"] for acc in accs for pairs in ("seen", "heldout")))
+    table(f"\nimage -> text exact-caption accuracy vs the check's margin (nats below the likeliest caption) and "
+          f"gain (share of the likeliest's redraw error to beat), {split} pictures of the world's renderer and of "
+          f"the soft one, {s.i2t_steps} Euler step(s); candidates 1: the likeliest", "candidates", "check margin",
+          "check gain", "seen", "held-out", "seen, soft renders", "held-out, soft renders")
+    rules = [(1, 0.0, 0.0)] + [(s.candidates, m, 0.0) for m in (0.0, 1.0, 2.0, 4.0, math.inf)] + \
+        [(s.candidates, s.check_margin, g) for g in (0.02, 0.05, 0.1, 0.2)]
+    for candidates, margin, gain in rules:
+        rule = dataclasses.replace(s, candidates=candidates, check_margin=margin, check_gain=gain)
+        accs = [i2t_accuracy(rule, soft)[pairs]["overall"] for soft in (False, True) for pairs in ("seen", "heldout")]
+        row(candidates, f"{margin:g}", f"{gain:g}", *accs)
 
     def chart(name, series, xlabel, title):
         data.line_chart(series, os.path.join(ckpt_dir, name), title, xlabel, "accuracy", (0, 1))
@@ -235,7 +239,7 @@ def main(argv=None):
     p.add_argument("--eval", action="store_true",
                    help="judge reconstructions, both directions and both round trips (a report)")
     p.add_argument("--sweep", action="store_true", help="judge accuracy vs Euler steps and guidance (tables)")
-    p.add_argument("--eval_prompts", type=int, default=50, help="prompts per family and split in --eval / --sweep")
+    p.add_argument("--eval_prompts", type=int, default=100, help="prompts per family and split in --eval / --sweep")
     p.add_argument("--split", choices=("val", "test"), default=None,
                    help="evaluation prompts: --eval uses test, --sweep val (choose settings on val only)")
     p.add_argument("--trajectory", action="store_true", help="with --prompt or --image: the picture (and, from "
@@ -331,7 +335,8 @@ def main(argv=None):
             for path, img in zip(loaded, imgs):
                 cands = ft.caption_candidates(tokenizer, model, img[None], max(s.candidates, a.num_samples),
                                               s.steps if a.inverse else s.i2t_steps, a.inverse,
-                                              torch.Generator(dev).manual_seed(a.seed), s.check_margin)
+                                              torch.Generator(dev).manual_seed(a.seed), s.check_margin,
+                                              s.check_gain)
                 caps = list(dict.fromkeys(bpe.decode(x) for x in cands[0]))  # best first, each once
                 print(f"{path}: " + " | ".join(caps[:a.num_samples]))
     if failed:

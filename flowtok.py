@@ -272,7 +272,8 @@ class ImageTokenizer(nn.Module):
 
     def decode(self, z, ids=None, guidance=0.0):
         """z (B, K, C), caption ids (B, K) or None (no caption; an image-only tokenizer ignores ids) -> image
-        (B, 3, S, S), not clamped. guidance s > 0: CFG on the decoder, x_caption + s * (x_caption - x_none)."""
+        (B, 3, S, S), not clamped. guidance s > 0: CFG on the decoder, x_caption + s * (x_caption - x_none);
+        the hidden training captions (text_drop) taught it the captionless picture, as CFG's dropped labels do."""
         B, N = z.shape[0], self.patch_pos.shape[0]
         masks = (self.mask_tokens + self.patch_pos).expand(B, N, -1)  # (B, N, W)
         x = [masks, self.latent_in(z) + self.latent_pos]
@@ -884,6 +885,6 @@ def caption_candidates(tokenizer, model, img, n, steps=1, inverse=False, generat
         logp = logits.log_softmax(-1)[:, None].expand(-1, n, -1, -1).gather(-1, cands[..., None])  # (B, n, K, 1)
         logp = logp.flatten(2).sum(2)  # (B, n): log-probability of each whole caption
         err = err.masked_fill(logp < logp[:, :1] - margin, math.inf)  # candidate 0 is the likeliest
-        err[:, 0] *= 1 - gain
+        err[:, 0] *= 1 - gain  # the likeliest's error, discounted: to go first, another must beat it by `gain`
         cands = cands.gather(1, err.argsort(dim=1, stable=True)[..., None].expand_as(cands))
     return cands  # (B, n, K)

@@ -257,8 +257,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.prompts_file and not os.path.exists(a.prompts_file):
         sys.exit(f"error: prompts file {a.prompts_file} not found")
-    lines = open(a.prompts_file, encoding="utf-8", errors="replace") if a.prompts_file else []
-    prompts = a.prompt + [l.strip() for l in lines if l.strip()]
+    prompts = list(a.prompt)
+    if a.prompts_file:
+        with open(a.prompts_file, encoding="utf-8", errors="replace") as f:
+            prompts += [l.strip() for l in f if l.strip()]
     pictures = (prompts, a.interpolate, a.image and (a.edit or a.trajectory))  # the modes that write --out
     needs_flow = prompts or a.image or a.sweep or a.eval or a.interpolate or a.edit_eval  # --recon: the tokenizer
     if any(not x.strip() for x in a.prompt):

@@ -544,6 +544,7 @@ def test_train_cli_help_and_bad_flags(capsys):
                        ("--tokenizer.text_drop=1.5", "--tokenizer.text_drop is a share, between 0 and 1"),
                        ("--sample.dec_guidance=-1", "--sample.dec_guidance must be >= 0"),
                        ("--sample.candidates=0", "--sample.candidates must be >= 1"),
+                       ("--sample.check_gain=1.5", "--sample.check_gain is a share, between 0 and 1"),
                        ("--tokenizer_steps=-5", "--tokenizer_steps must be >= 1"),
                        ("--flow_batch=0", "--flow_batch must be >= 1"),
                        ("--flow_lr=0", "--flow_lr must be > 0"),

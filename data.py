@@ -111,6 +111,11 @@ def normalize(spec):
         return Spec("relation", spec.objects[::-1], spec.size, flipped[spec.relation])
     return spec
 
+def reader_phrasing(texts):
+    """Captions as image -> text learns to say them: a relation left/above-wise (normalize); other text as is."""
+    return [caption(normalize(spec)) if (spec := parse_caption(t)) and spec != normalize(spec) else t
+            for t in texts]
+
 def same_meaning(a, b):
     a, b = normalize(a), normalize(b)
     size_ok = a.size == b.size or a.family != "single"  # only the single family's caption states size
@@ -384,14 +389,17 @@ def eval_images(image_size, specs, split, device, soft=False):
 @torch.no_grad()
 def evaluate(tokenizer, model, bpe, s, n, split="val", directions=("t2i", "i2t"), inverse=False, hold_out=True):
     """Judge accuracy per family on seen and held-out prompts of a split (n per family each) with the sampling
-    settings s: text -> image, and with 'i2t' image -> text (the likeliest caption and the best of s.candidates,
+    settings s: text -> image (also from one draw, if s.draws > 1), and with 'i2t' image -> text (the likeliest caption and the best of s.candidates,
     on the world's renders and on soft ones), both round trips and the text decoder's decode(encode(caption))."""
     res, dev = {}, tokenizer.scale_factor.device
     likeliest = dataclasses.replace(s, candidates=1)
     for pairs in ("seen", "heldout"):
         specs = eval_specs(pairs, n, split, hold_out)
         prompts = [caption(x) for x in specs]
-        imgs = ft.text_to_image(tokenizer, model, bpe, prompts, s)
+        if s.draws > 1:  # one draw per caption too: what the read-back check adds
+            first = ft.text_to_image(tokenizer, model, bpe, prompts, dataclasses.replace(s, draws=1))
+            res[f"t2i_first_{pairs}"] = accuracy(judge_images(first, specs), specs)
+        imgs = ft.text_to_image(tokenizer, model, bpe, prompts, s, read_as=reader_phrasing(prompts))
         res[f"t2i_{pairs}"] = accuracy(judge_images(imgs, specs), specs)
         if "i2t" not in directions:
             continue

@@ -13,8 +13,9 @@ transformer (+ the losses) -> Euler ODE sampler -> using a trained model. The fl
     v   = d x_t / dt = x1 - x0           (target velocity, regressed with MSE)
 
 Ours, not the paper's: the text-aware tokenizer decoder is guided towards the caption (ImageTokenizer.decode),
-a drawn picture is re-encoded and redrawn (text_to_image), and image -> text checks its reading by how well
-that decoder redraws the picture (caption_candidates).
+a drawn picture is re-encoded and redrawn, and each direction checks itself with the other: text -> image keeps
+the draw whose picture reads back most likely as its caption (text_to_image), image -> text the caption from
+which that decoder redraws the picture best (caption_candidates).
 Naming: `tokenizer` is the image tokenizer, `bpe` the text one; `cfg` a config; CFG is spelled `guidance`.
 """
 
@@ -659,9 +660,11 @@ class SampleConfig:
     from_mean: bool = False     # start text -> image at the text latent's mean instead of a sample
     reencode: int = 2           # text -> image: rounds of decode -> encode -> decode, which pull a drawn picture
                                 # onto what the tokenizer reconstructs (cleaner shapes); 0 = none
+    draws: int = 8              # text -> image: pictures drawn per caption; the one whose image -> text reading
+                                # gives the caption the highest likelihood is kept (1 = one draw); chosen on val
 
     def __post_init__(self):
-        check_ranges(self, positive=("steps", "i2t_steps", "candidates"), shares=("check_gain",))
+        check_ranges(self, positive=("steps", "i2t_steps", "candidates", "draws"), shares=("check_gain",))
 
 # Named presets, each a few overrides of the defaults by flag name. 'cpu' is the defaults, sized for a
 # 2-core CPU (its minutes are in the README). train.py picks 'gpu' on CUDA, 'cpu' elsewhere.
@@ -841,16 +844,24 @@ def load_models(path, device):
     return tokenizer, model.to(device).eval(), bpe, saved_config(SampleConfig, state, "sample_cfg", path)
 
 @torch.no_grad()
-def text_to_image(tokenizer, model, bpe, prompts, s, seed=0, batch=256):
-    """Captions -> images (B, 3, S, S) in [0, 1], drawn with the sampling settings s."""
-    dev = tokenizer.scale_factor.device
+def text_to_image(tokenizer, model, bpe, prompts, s, seed=0, batch=256, read_as=None):
+    """Captions -> images (B, 3, S, S) in [0, 1], drawn with the sampling settings s. With s.draws > 1 each
+    caption is drawn s.draws times and the picture kept is the one image -> text reads back as most likely
+    that caption: as `read_as` says it, if given (one phrasing per picture, as image -> text was trained)."""
+    dev, n = tokenizer.scale_factor.device, s.draws
     g = torch.Generator(dev).manual_seed(seed)
-    out = []
-    for i in range(0, len(prompts), batch):
-        ids = bpe.encode(prompts[i:i + batch]).to(dev)
+    read_as = prompts if read_as is None else read_as
+    out, step = [], max(1, batch // n)  # a batch of `step` captions draws step * n pictures
+    for i in range(0, len(prompts), step):
+        ids = bpe.encode(prompts[i:i + step]).to(dev).repeat_interleave(n, 0)  # (b n, K): each caption n times
         img = tokenizer.images(model.generate(ids, s.steps, s.guidance, s.from_mean, g), ids, s.dec_guidance)
         for _ in range(s.reencode):
             img = tokenizer.images(tokenizer.latents(img, sample=False), ids, s.dec_guidance)
+        if n > 1:
+            logits = model.caption_logits(tokenizer.latents(img, sample=False), s.i2t_steps)  # (b n, K, vocab)
+            back = bpe.encode(read_as[i:i + step]).to(dev).repeat_interleave(n, 0)  # (b n, K)
+            best = caption_logprob(logits, back[:, None]).view(-1, n).argmax(1)  # (b,): the likeliest reading
+            img = img.view(-1, n, *img.shape[1:])[torch.arange(len(best), device=dev), best]
         out.append(img)
     return torch.cat(out)
 
@@ -862,6 +873,11 @@ def image_to_text(tokenizer, model, bpe, images, s, inverse=False, batch=256):
                                inverse, margin=s.check_margin, gain=s.check_gain)[:, 0]
             for i in range(0, len(images), batch)]  # (B, K) each
     return [bpe.decode(x) for ids in best for x in ids]
+
+def caption_logprob(logits, ids):
+    """Text decoder logits (B, K, vocab), captions ids (B, n, K) -> (B, n): each whole caption's log-likelihood."""
+    logp = logits.log_softmax(-1)[:, None].expand(-1, ids.shape[1], -1, -1)  # (B, n, K, vocab)
+    return logp.gather(-1, ids[..., None]).flatten(2).sum(2)
 
 def pick_tokens(logits, generator=None):
     """Logits (B, K, vocab) -> ids (B, K): the most likely, or drawn with the generator."""
@@ -882,8 +898,7 @@ def caption_candidates(tokenizer, model, img, n, steps=1, inverse=False, generat
     cands = torch.stack([logits.argmax(-1)] + [pick_tokens(logits, generator) for _ in range(n - 1)], 1)
     if tokenizer.cfg.text_aware and n > 1:
         err = torch.stack([tokenizer.redraw_error(img, z, cands[:, i]) for i in range(n)], 1)  # (B, n)
-        logp = logits.log_softmax(-1)[:, None].expand(-1, n, -1, -1).gather(-1, cands[..., None])  # (B, n, K, 1)
-        logp = logp.flatten(2).sum(2)  # (B, n): log-probability of each whole caption
+        logp = caption_logprob(logits, cands)  # (B, n)
         err = err.masked_fill(logp < logp[:, :1] - margin, math.inf)  # candidate 0 is the likeliest
         err[:, 0] *= 1 - gain  # the likeliest's error, discounted: to go first, another must beat it by `gain`
         cands = cands.gather(1, err.argsort(dim=1, stable=True)[..., None].expand_as(cands))

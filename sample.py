@@ -42,14 +42,21 @@ def sweep(tokenizer, model, bpe, s, ckpt_dir, n, split):
     dev, all_steps, guidances, t2i, i2t = tokenizer.scale_factor.device, (1, 2, 4, 8, 20), (1.0, 2.0, 3.0), {}, {}
     seen = ("seen overall", "held-out overall", "seen single", "seen relation", "seen count")
     cells = lambda a, held: (a["overall"], held["overall"], a["single"], a["relation"], a["count"])  # seen's columns
-    table(f"text -> image judge accuracy, {split} prompts, {n} per family and split, source: "
+    def t2i_accuracy(**settings):  # the judge's text -> image results with these settings changed
+        return data.evaluate(tokenizer, model, bpe, dataclasses.replace(s, **settings), n, split, directions=("t2i",))
+
+    table(f"text -> image judge accuracy, {split} prompts, {n} per family and split, one draw per caption, source: "
           f"{'text-latent mean' if s.from_mean else 'text-latent sample'}", "steps", "guidance", *seen)
     for steps in all_steps:
         for guidance in guidances:
-            r = data.evaluate(tokenizer, model, bpe, dataclasses.replace(s, steps=steps, guidance=guidance), n,
-                              split, directions=("t2i",))
+            r = t2i_accuracy(steps=steps, guidance=guidance, draws=1)
             t2i[steps, guidance] = r["t2i_seen"]["overall"]
             row(steps, f"{guidance:g}", *cells(r["t2i_seen"], r["t2i_heldout"]))
+    table(f"\ntext -> image judge accuracy vs draws per caption (the one read back likeliest kept), {split} prompts, "
+          f"{s.steps} Euler steps, guidance {s.guidance:g}", "draws", *seen)
+    for draws in (1, 2, 4, 8, 16):
+        r = t2i_accuracy(draws=draws)
+        row(draws, *cells(r["t2i_seen"], r["t2i_heldout"]))
 
     def i2t_accuracy(s, soft=False):  # {seen, heldout: accuracy} of the captions read from the split's renders
         acc = {}
@@ -217,7 +224,7 @@ def edit_eval(tokenizer, model, bpe, s, n, split, seed):
         caps = [data.caption(x) for x in new]
         read, _, out = edit(tokenizer, model, bpe, s, imgs, caps)
         read_ok = sum(data.judge_captions(read, specs)) / n
-        fresh = ft.text_to_image(tokenizer, model, bpe, caps, s, seed)
+        fresh = ft.text_to_image(tokenizer, model, bpe, caps, dataclasses.replace(s, draws=1), seed)  # as the edit
         for source, pics in (("the inverted source", out), ("a fresh source", fresh)):
             objs = [(a, b[0]) for a, b in zip(data.find_objects(imgs), data.find_objects(pics)) if len(b) == 1]
             others = sum(all(a[0][k] == b[k] for k in ("color", "shape", "size") if k != kind) for a, b in objs)
@@ -313,7 +320,7 @@ def main(argv=None):
             warnings.simplefilter("always")
             warnings.formatwarning = lambda msg, *args, **kw: f"warning: {msg}\n"
             labels = [pr for pr in prompts for _ in range(a.num_samples)]
-            imgs = ft.text_to_image(tokenizer, model, bpe, labels, s, a.seed)
+            imgs = ft.text_to_image(tokenizer, model, bpe, labels, s, a.seed, read_as=data.reader_phrasing(labels))
         data.save_grid(imgs, labels, a.out, cols=a.num_samples if a.num_samples > 1 else 8)
         print(f"saved {len(labels)} samples to {a.out}")
     if a.image:

@@ -305,20 +305,66 @@ def test_same_seed_same_samples():
     assert torch.equal(read(), read())
 
 
-def test_reencode_rounds_redraw_the_picture_from_its_posterior_mean():
+def tiny_drawing_models():
+    """A random text-aware image tokenizer (16 px), flow model and BPE: enough to test drawing's bookkeeping."""
     torch.manual_seed(0)
     bpe = ft.TextTokenizer.train([data.caption(s) for s in data.ShapesWorld(seed=0).sample_specs(200)], 6, 300)
     tokenizer = perturbed(ft.ImageTokenizer(ft.TokenizerConfig(image_size=16, num_tokens=6, token_dim=4, width=32,
                                                                enc_depth=1, dec_depth=1, n_head=2), bpe.vocab_size))
-    model, prompts = perturbed(tiny_flow(bpe.vocab_size)), ["a small red circle", "two blue squares"]
-    ids, s = bpe.encode(prompts), ft.SampleConfig(steps=2, reencode=0)
-    draw = lambda rounds: ft.text_to_image(tokenizer.eval(), model.eval(), bpe, prompts,
-                                           dataclasses.replace(s, reencode=rounds), seed=3)
+    return tokenizer.eval(), perturbed(tiny_flow(bpe.vocab_size)).eval(), bpe
+
+
+def test_reencode_rounds_redraw_the_picture_from_its_posterior_mean():
+    tokenizer, model, bpe = tiny_drawing_models()
+    prompts = ["a small red circle", "two blue squares"]
+    ids, s = bpe.encode(prompts), ft.SampleConfig(steps=2, reencode=0, draws=1)
+    draw = lambda rounds: ft.text_to_image(tokenizer, model, bpe, prompts, dataclasses.replace(s, reencode=rounds),
+                                           seed=3)
     redraw = lambda img: tokenizer.images(tokenizer.latents(img, sample=False), ids, s.dec_guidance)
     plain, once, twice = draw(0), draw(1), draw(2)
     assert not torch.allclose(plain, once)
     assert torch.allclose(once, redraw(plain), atol=1e-6)   # the mean, not a sample; the caption read again
     assert torch.allclose(twice, redraw(once), atol=1e-6)
+
+
+def test_text_to_image_keeps_the_draw_read_back_likeliest():
+    """draws = n: each caption drawn n times (the same pictures as n one-draw calls in a row); kept is the draw
+    whose image -> text reading gives the caption, as read_as phrases it, the highest log-likelihood."""
+    tokenizer, model, bpe = tiny_drawing_models()
+    prompts = ["a small red circle", "two blue squares", "a red circle below a blue square"]
+    s, n = ft.SampleConfig(steps=2, reencode=1, draws=4), 4
+    every = [p for p in prompts for _ in range(n)]  # each caption n times in a row: every draw, unchosen
+    cands = ft.text_to_image(tokenizer, model, bpe, every, dataclasses.replace(s, draws=1), seed=3, batch=n)
+    cands = cands.view(len(prompts), n, *cands.shape[1:])  # (3, n, 3, S, S)
+    logits = model.caption_logits(tokenizer.latents(cands.flatten(0, 1), sample=False), s.i2t_steps)
+    for read_as in (None, prompts[::-1]):  # as prompted; as other captions (a different pick)
+        said = bpe.encode([r for r in (read_as or prompts) for _ in range(n)])  # (3 n, K)
+        score = ft.caption_logprob(logits, said[:, None]).view(len(prompts), n)  # (3, n)
+        assert (score.argmax(1) != score.argmin(1)).all()  # the choice matters
+        kept = ft.text_to_image(tokenizer, model, bpe, prompts, s, seed=3, batch=n, read_as=read_as)  # one caption a batch
+        assert kept.shape == (3, 3, 16, 16)
+        assert torch.allclose(kept, cands[torch.arange(3), score.argmax(1)], atol=1e-5), read_as
+    picks = [ft.text_to_image(tokenizer, model, bpe, prompts, s, seed=3, read_as=r) for r in (None, prompts[::-1])]
+    assert not torch.allclose(*picks)
+
+
+def test_caption_logprob_is_the_summed_token_log_likelihood():
+    logits, ids = torch.randn(2, 3, 5), torch.randint(0, 5, (2, 4, 3))  # (B, K, V), (B, n, K)
+    logp = logits.log_softmax(-1)
+    want = torch.tensor([[sum(logp[b, k, ids[b, i, k]] for k in range(3)) for i in range(4)] for b in range(2)])
+    assert torch.allclose(ft.caption_logprob(logits, ids), want, atol=1e-6)
+    best = ft.caption_logprob(logits, logits.argmax(-1)[:, None])  # the likeliest caption: no other beats it
+    assert (best[:, 0] >= ft.caption_logprob(logits, ids).max(1).values).all()
+
+
+def test_reader_phrasing_states_relations_left_and_above_wise():
+    said = data.reader_phrasing(["a blue square below a red circle", "a red circle to the right of a blue square",
+                                 "an orange circle above a red square", "a small red circle", "A Red Circle.",
+                                 "a syringe"])
+    assert said == ["a red circle above a blue square", "a blue square to the left of a red circle",
+                    "an orange circle above a red square", "a small red circle", "A Red Circle.", "a syringe"]
+    specs = data.ShapesWorld(seed=2).sample_specs(500)  # the world's captions: caption(normalize(spec))
+    assert data.reader_phrasing([data.caption(x) for x in specs]) == [data.caption(data.normalize(x)) for x in specs]
 
 
 def test_caption_candidates_are_ranked_by_the_text_aware_redrawing():
@@ -544,6 +590,7 @@ def test_train_cli_help_and_bad_flags(capsys):
                        ("--tokenizer.text_drop=1.5", "--tokenizer.text_drop is a share, between 0 and 1"),
                        ("--sample.dec_guidance=-1", "--sample.dec_guidance must be >= 0"),
                        ("--sample.candidates=0", "--sample.candidates must be >= 1"),
+                       ("--sample.draws=0", "--sample.draws must be >= 1"),
                        ("--sample.check_gain=1.5", "--sample.check_gain is a share, between 0 and 1"),
                        ("--tokenizer_steps=-5", "--tokenizer_steps must be >= 1"),
                        ("--flow_batch=0", "--flow_batch must be >= 1"),

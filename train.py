@@ -285,21 +285,23 @@ def train_flow(run, tc, sample_cfg, tokenizer, model, ema, bpe, world, state):
 
     def loss_fn(net):
         if cache:  # pre-tokenized: re-sample the stored posterior
-            mean, logvar, captions, specs = cache.batch(tc.flow_batch)
+            mean, logvar, captions, _ = cache.batch(tc.flow_batch)
             z_img = ft.gaussian_sample(mean, logvar) * tokenizer.scale_factor
         else:
-            img, captions, specs = world.batch(tc.flow_batch)
+            img, captions, _ = world.batch(tc.flow_batch)
             z_img = tokenizer.latents(img).float()
         ids = bpe.encode(captions).to(run.dev, non_blocking=True)
         # image -> text lands on one phrasing per picture: the relation stated left/above-wise
-        i2t = [data.caption(data.normalize(s)) if s else c for s, c in zip(specs, captions)]
-        return net(ids, z_img, bpe.encode(i2t).to(run.dev, non_blocking=True))
+        i2t = bpe.encode(data.reader_phrasing(captions)).to(run.dev, non_blocking=True)
+        return net(ids, z_img, i2t)
 
     def evaluate(step, t_start):
         grid_prompts(tokenizer, ema, bpe, sample_cfg, tc, os.path.join(tc.out_dir, f"samples_{step:06d}.png"), world)
         if tc.data:  # the judge only knows the shapes world
             return
-        res = data.evaluate(tokenizer, ema, bpe, sample_cfg, tc.eval_prompts, "val", ("t2i",), hold_out=tc.hold_out)
+        # one draw per caption: what training changes (the final report has the read-back check too)
+        one_draw = dataclasses.replace(sample_cfg, draws=1)
+        res = data.evaluate(tokenizer, ema, bpe, one_draw, tc.eval_prompts, "val", ("t2i",), hold_out=tc.hold_out)
         seconds = time.time() - t_start
         res.update(step=step, minutes=seconds / 60, total_minutes=(seconds + state.get("tokenizer_seconds", 0.0)) / 60)
         with open(os.path.join(tc.out_dir, "evals.jsonl"), "a") as f:
@@ -314,7 +316,8 @@ def grid_prompts(tokenizer, model, bpe, sample_cfg, tc, path, world, n=16):
     """A grid of samples: fixed shapes-world prompts (seen and held-out), or your data's captions."""
     specs = (data.eval_specs("seen", n // 4, "grid") + data.eval_specs("heldout", n // 4, "grid"))[:n]
     prompts = peek(world, n)[1] if tc.data else [data.caption(s) for s in specs]
-    data.save_grid(ft.text_to_image(tokenizer, model, bpe, prompts, sample_cfg), prompts, path)
+    imgs = ft.text_to_image(tokenizer, model, bpe, prompts, sample_cfg, read_as=data.reader_phrasing(prompts))
+    data.save_grid(imgs, prompts, path)
 
 # -----------------------------------------------------------------------------
 

@@ -6,7 +6,9 @@ import json
 import sys
 import math
 import dataclasses
+import contextlib
 import subprocess
+import traceback
 import warnings
 
 import numpy as np
@@ -17,6 +19,7 @@ from PIL import Image
 
 import flowtok as ft
 import data
+import sample
 import train
 from data import (COLORS, HELD_OUT, open_dataset, RELATIONS, SHAPES, ShapesWorld, Spec, accuracy, caption, eval_specs,
                   find_objects, is_held_out, judge_captions, judge_images, parse_caption, same_meaning)
@@ -460,8 +463,29 @@ def test_flow_overfit_loss_falls():
 # the real command lines, end to end (tiny preset: seconds)
 
 
-def run(*args, cwd=HERE):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+def run(*args):
+    """`python *args` in the repository -> (returncode, stdout, stderr). train.py and sample.py run their main()
+    in this process, as the interpreter would (an exit message on stderr, a traceback for a crash): a fresh
+    interpreter costs seconds a call; the other command lines (torchrun) get one."""
+    if args[0] not in ("train.py", "sample.py"):
+        return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=300)
+    main = train.main if args[0] == "train.py" else sample.main
+    out, err, code, cwd, fmt = io.StringIO(), io.StringIO(), 0, os.getcwd(), warnings.formatwarning
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        # warnings go to stderr, as the interpreter shows them (pytest would keep them to itself)
+        warnings.showwarning = lambda *w, file=None, line=None: sys.stderr.write(warnings.formatwarning(*w, line))
+        try:
+            os.chdir(HERE)  # relative defaults (out/, samples.png) land where the command line puts them
+            main(list(args[1:]))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) or e.code is None else print(e.code, file=sys.stderr) or 1
+        except Exception:
+            traceback.print_exc()
+            code = 1
+        finally:
+            os.chdir(cwd)
+            warnings.formatwarning = fmt  # sample.py sets a one-line format for its own warnings
+    return subprocess.CompletedProcess(args, code or 0, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -1156,8 +1180,6 @@ def test_world_pool_encodes_its_own_stream_and_draws_from_the_training_generator
 
 # -----------------------------------------------------------------------------
 # watching the flow: trajectories, interpolation, edits, charts
-
-import sample
 
 
 def png_size(path):

@@ -389,8 +389,9 @@ def eval_images(image_size, specs, split, device, soft=False):
 @torch.no_grad()
 def evaluate(tokenizer, model, bpe, s, n, split="val", directions=("t2i", "i2t"), inverse=False, hold_out=True):
     """Judge accuracy per family on seen and held-out prompts of a split (n per family each) with the sampling
-    settings s: text -> image (also from one draw, if s.draws > 1), and with 'i2t' image -> text (the likeliest caption and the best of s.candidates,
-    on the world's renders and on soft ones), both round trips and the text decoder's decode(encode(caption))."""
+    settings s: text -> image (and from one draw, if s.draws > 1), and with 'i2t' image -> text (the likeliest
+    caption and the best of s.candidates, on the world's renders and on soft ones), both round trips and the
+    text decoder's decode(encode(caption))."""
     res, dev = {}, tokenizer.scale_factor.device
     likeliest = dataclasses.replace(s, candidates=1)
     for pairs in ("seen", "heldout"):

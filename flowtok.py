@@ -660,8 +660,8 @@ class SampleConfig:
     from_mean: bool = False     # start text -> image at the text latent's mean instead of a sample
     reencode: int = 2           # text -> image: rounds of decode -> encode -> decode, which pull a drawn picture
                                 # onto what the tokenizer reconstructs (cleaner shapes); 0 = none
-    draws: int = 8              # text -> image: pictures drawn per caption; the one whose image -> text reading
-                                # gives the caption the highest likelihood is kept (1 = one draw); chosen on val
+    draws: int = 8              # text -> image: pictures drawn per caption (from_mean: one); the one whose image ->
+                                # text reading gives the caption the highest likelihood is kept; chosen on val
 
     def __post_init__(self):
         check_ranges(self, positive=("steps", "i2t_steps", "candidates", "draws"), shares=("check_gain",))
@@ -848,7 +848,7 @@ def text_to_image(tokenizer, model, bpe, prompts, s, seed=0, batch=256, read_as=
     """Captions -> images (B, 3, S, S) in [0, 1], drawn with the sampling settings s. With s.draws > 1 each
     caption is drawn s.draws times and the picture kept is the one image -> text reads back as most likely
     that caption: as `read_as` says it, if given (one phrasing per picture, as image -> text was trained)."""
-    dev, n = tokenizer.scale_factor.device, s.draws
+    dev, n = tokenizer.scale_factor.device, 1 if s.from_mean else s.draws  # from the mean, every draw is the same
     g = torch.Generator(dev).manual_seed(seed)
     read_as = prompts if read_as is None else read_as
     out, step = [], max(1, batch // n)  # a batch of `step` captions draws step * n pictures

@@ -344,11 +344,14 @@ def test_text_to_image_keeps_the_draw_read_back_likeliest():
         said = bpe.encode([r for r in (read_as or prompts) for _ in range(n)])  # (3 n, K)
         score = ft.caption_logprob(logits, said[:, None]).view(len(prompts), n)  # (3, n)
         assert (score.argmax(1) != score.argmin(1)).all()  # the choice matters
-        kept = ft.text_to_image(tokenizer, model, bpe, prompts, s, seed=3, batch=n, read_as=read_as)  # one caption a batch
+        kept = ft.text_to_image(tokenizer, model, bpe, prompts, s, seed=3, batch=n, read_as=read_as)
         assert kept.shape == (3, 3, 16, 16)
         assert torch.allclose(kept, cands[torch.arange(3), score.argmax(1)], atol=1e-5), read_as
     picks = [ft.text_to_image(tokenizer, model, bpe, prompts, s, seed=3, read_as=r) for r in (None, prompts[::-1])]
     assert not torch.allclose(*picks)
+    mean = [ft.text_to_image(tokenizer, model, bpe, prompts, dataclasses.replace(s, draws=d, from_mean=True))
+            for d in (1, 4)]  # no noise, nothing to choose among: one draw
+    assert torch.equal(*mean)
 
 
 def test_caption_logprob_is_the_summed_token_log_likelihood():

@@ -568,8 +568,10 @@ def test_sample_cli_eval_report(trained):
 
 def test_sample_cli_errors(trained, tmp_path):
     out, _ = trained
-    r = run("sample.py", "--prompt", "a red circle", "--ckpt", str(tmp_path / "nope.pt"))
-    assert r.returncode != 0 and "train first: python train.py" in r.stderr and "Traceback" not in r.stderr
+    args = ("sample.py", "--prompt", "a red circle", "--ckpt", str(tmp_path / "nope.pt"))
+    script = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=300)
+    for r in (run(*args), script):  # in this process, and once as a script (its __main__ line)
+        assert r.returncode != 0 and "train first: python train.py" in r.stderr and "Traceback" not in r.stderr
     r = run("sample.py", "--prompt", "  ", "--ckpt", str(out / "ckpt.pt"))
     assert r.returncode != 0 and "empty prompt" in r.stderr
     bad = tmp_path / "bad.pt"

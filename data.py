@@ -387,7 +387,7 @@ def eval_images(image_size, specs, split, device, soft=False):
     return ShapesWorld(image_size, seed=EVAL_SEEDS[split][1], device=device).render(specs, soft=soft)
 
 @torch.no_grad()
-def evaluate(tokenizer, model, bpe, s, n, split="val", directions=("t2i", "i2t"), inverse=False, hold_out=True):
+def evaluate(tokenizer, model, bpe, s, n, split="val", directions=("t2i", "i2t"), hold_out=True):
     """Judge accuracy per family on seen and held-out prompts of a split (n per family each) with the sampling
     settings s: text -> image (and from one draw, if s.draws > 1), and with 'i2t' image -> text (the likeliest
     caption and the best of s.candidates, on the world's renders and on soft ones), both round trips and the
@@ -407,11 +407,11 @@ def evaluate(tokenizer, model, bpe, s, n, split="val", directions=("t2i", "i2t")
         for soft in (True, False):  # pictures of another renderer (soft), then the world's own
             truth = eval_images(tokenizer.cfg.image_size, specs, split, dev, soft)
             for name, settings in (("likeliest", likeliest), ("", s)) if s.candidates > 1 else (("", s),):
-                caps = ft.image_to_text(tokenizer, model, bpe, truth, settings, inverse)
+                caps = ft.image_to_text(tokenizer, model, bpe, truth, settings)
                 key = "_".join(["i2t"] + ["soft"] * soft + [name] * bool(name) + [pairs])
                 res[key] = accuracy(judge_captions(caps, specs), specs)
         # text -> image -> text: is the caption of the generated image the prompt?
-        back = ft.image_to_text(tokenizer, model, bpe, imgs, s, inverse)
+        back = ft.image_to_text(tokenizer, model, bpe, imgs, s)
         res[f"t2i2t_{pairs}"] = accuracy(judge_captions(back, specs), specs)
         # image -> text -> image: does the picture drawn from the caption pass for the original spec?
         with warnings.catch_warnings():  # the captions are model output: over-long ones are just wrong

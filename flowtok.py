@@ -3,19 +3,16 @@
 FlowTok (arXiv 2503.10772) does not denoise an image out of noise under a text condition: it encodes the
 caption into K x C continuous tokens, the image into the same shape with a compact 1-D tokenizer, and learns
 one velocity field that carries the first straight into the second. This file is the whole model, in the
-paper's order: helpers -> blocks -> 1-D image tokenizer -> text side (BPE, encoder, decoder) -> flow
-transformer (+ the losses) -> Euler ODE sampler -> using a trained model. The flow convention, used everywhere
-(tests check it in closed form; image -> text swaps the roles, the image latent is the source at t = 0):
+paper's order: helpers -> blocks -> 1-D image tokenizer -> text side -> flow transformer and losses -> Euler
+sampler -> using a trained model. The flow convention, used everywhere (image -> text swaps the roles):
 
     t = 0 : the text latent   x0   (B, K, C)
     t = 1 : the image latent  x1   (B, K, C)
     x_t = (1 - t) * x0 + t * x1          (straight path)
     v   = d x_t / dt = x1 - x0           (target velocity, regressed with MSE)
 
-Ours, not the paper's: the text-aware tokenizer decoder is guided towards the caption (ImageTokenizer.decode),
-a drawn picture is re-encoded and redrawn, and each direction checks itself with the other: text -> image keeps
-the draw whose picture reads back most likely as its caption (text_to_image), image -> text the caption from
-which that decoder redraws the picture best (caption_candidates).
+Ours, not the paper's: the text-aware tokenizer decoder is guided towards the caption, a drawn picture is
+re-encoded and redrawn, and each direction checks itself with the other (text_to_image, caption_candidates).
 Naming: `tokenizer` is the image tokenizer, `bpe` the text one; `cfg` a config; CFG is spelled `guidance`.
 """
 
@@ -427,29 +424,23 @@ class TextTokenizer:
 # encoder"): sampling it, not taking the mean, lets one caption flow to many different images. The decoder
 # reads a text latent back into K token ids in parallel, as image -> text needs at its end.
 
-class TextEncoder(nn.Module):
-    def __init__(self, vocab_size, K, C, width, depth, n_head):
+class TextTransformer(nn.Module):
+    """Pre-norm blocks over the K text positions between an input map and an output map: the text decoder
+    (latent (B, K, C) -> logits (B, K, vocab)) as it is, the encoder below. No attention mask: pads mark the end."""
+    def __init__(self, inp, out, K, width, depth, n_head):
         super().__init__()
-        self.embed, self.embed_pos = nn.Embedding(vocab_size, width), nn.Parameter(torch.zeros(K, width))
+        self.inp, self.inp_pos = inp, nn.Parameter(torch.zeros(K, width))
         self.blocks = nn.Sequential(*[Block(width, n_head) for _ in range(depth)])
-        self.ln, self.to_moments = nn.LayerNorm(width), nn.Linear(width, 2 * C)
+        self.ln, self.out = nn.LayerNorm(width), out
 
+    def forward(self, x):
+        return self.out(self.ln(self.blocks(self.inp(x) + self.inp_pos)))
+
+class TextEncoder(TextTransformer):
     def forward(self, ids):
-        """ids (B, K) -> mean, logvar (B, K, C). No attention mask: the pads mark the length."""
-        x = self.ln(self.blocks(self.embed(ids) + self.embed_pos))
-        mean, logvar = self.to_moments(x).chunk(2, dim=-1)
+        """ids (B, K) -> mean, logvar (B, K, C) of the text latent."""
+        mean, logvar = super().forward(ids).chunk(2, dim=-1)
         return mean, logvar.clamp(-30.0, 20.0)
-
-class TextDecoder(nn.Module):
-    def __init__(self, vocab_size, K, C, width, depth, n_head):
-        super().__init__()
-        self.latent_in, self.latent_pos = nn.Linear(C, width), nn.Parameter(torch.zeros(K, width))
-        self.blocks = nn.Sequential(*[Block(width, n_head) for _ in range(depth)])
-        self.ln, self.head = nn.LayerNorm(width), nn.Linear(width, vocab_size)
-
-    def forward(self, z):
-        """z (B, K, C) -> logits (B, K, vocab)."""
-        return self.head(self.ln(self.blocks(self.latent_in(z) + self.latent_pos)))
 
 def clip_loss(a, b, logit_scale, same=None):
     """Symmetric InfoNCE between two (B, D) batches, row i of a belongs with row i of b: logits = cosine
@@ -539,8 +530,9 @@ class FlowTok(nn.Module):
     def __init__(self, cfg, vocab_size, num_tokens, token_dim):
         super().__init__()
         self.cfg, K, C = cfg, num_tokens, token_dim
-        text = (vocab_size, K, C, cfg.text_width, cfg.text_depth, TEXT_HEADS)
-        self.text_encoder, self.text_decoder = TextEncoder(*text), TextDecoder(*text)
+        W, text = cfg.text_width, (K, cfg.text_width, cfg.text_depth, TEXT_HEADS)
+        self.text_encoder = TextEncoder(nn.Embedding(vocab_size, W), nn.Linear(W, 2 * C), *text)
+        self.text_decoder = TextTransformer(nn.Linear(C, W), nn.Linear(W, vocab_size), *text)
         self.flow, self.flow_i2t = [FlowTransformer(K, C, cfg.width, cfg.depth, cfg.n_head) for _ in range(2)]
         # Contrastive alignment through a small MLP on the image side: the text latent need not copy its layout.
         self.image_proj = nn.Sequential(nn.Linear(K * C, cfg.text_width), nn.SiLU(), nn.Linear(cfg.text_width, K * C))
@@ -550,7 +542,7 @@ class FlowTok(nn.Module):
     def flops(self):
         """Training FLOPs per sample: 3x the forward of the flow (t2i and the i2t share) and the text encoder
         and decoder, plus on the i2t share the text encoder's no-grad forward and the rounding decode."""
-        c, K = self.cfg, self.text_decoder.latent_pos.shape[0]
+        c, K = self.cfg, self.text_decoder.inp_pos.shape[0]
         flow = transformer_flops(K, c.width, c.depth)
         text = transformer_flops(K, c.text_width, c.text_depth)
         return 3 * (flow * (1 + c.i2t_frac) + 2 * text) + c.i2t_frac * 4 * text
@@ -610,12 +602,9 @@ class FlowTok(nn.Module):
         return euler(lambda x, t: guided(self, x, t, guidance), x0, steps, trace=trace)
 
     @torch.no_grad()
-    def caption_logits(self, z_img, steps, inverse=False):
-        """Image latents (B, K, C) -> text decoder logits (B, K, vocab) at the end of the image -> text path.
-        inverse: the text -> image field backwards from t=1 to t=0 instead (a baseline: it reads far worse)."""
-        direction, t_start, t_end = (0, 1.0, 0.0) if inverse else (1, 0.0, 1.0)
-        z_txt = euler(lambda x, t: self.velocity(x, t, direction=direction), z_img, steps, t_start, t_end)
-        return self.text_decoder(z_txt)
+    def caption_logits(self, z_img, steps):
+        """Image latents (B, K, C) -> text decoder logits (B, K, vocab) at the end of the image -> text path."""
+        return self.text_decoder(euler(lambda x, t: self.velocity(x, t, direction=1), z_img, steps))
 
 # -----------------------------------------------------------------------------
 # Euler ODE sampler with classifier-free guidance
@@ -647,7 +636,7 @@ def euler(velocity, x, steps, t_start=0.0, t_end=1.0, trace=None):
 
 @dataclass
 class SampleConfig:
-    steps: int = 8              # Euler steps text -> image (and image -> text with --inverse); chosen on val
+    steps: int = 8              # Euler steps text -> image; chosen on val
     guidance: float = 2.0       # classifier-free guidance on the flow, v_null + s (v_cond - v_null); 1 = none
     dec_guidance: float = 1.0   # text-aware decoder: guidance towards the caption, x_c + s (x_c - x_none); 0 = none
     i2t_steps: int = 1          # Euler steps image -> text: one end point per caption makes its paths straight
@@ -824,11 +813,20 @@ def saved_config(cls, state, key, path):
                                   f"settings: {', '.join(sorted(keys))}): retrain, or use that version")
     return cls(**d)
 
+def load_weights(module, weights, path):
+    """module.load_state_dict(weights) (torch.compile's key prefix dropped); weights of another shape or name
+    (another version of this file) are a CheckpointError."""
+    try:
+        return module.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in weights.items()})
+    except RuntimeError:
+        raise CheckpointError(f"{path} was written by another version of nano FlowTok (its weights do not fit "
+                              "this model): retrain, or use that version") from None
+
 def tokenizer_from(state, path, device):
     """The image tokenizer of a checkpoint (any stage), in eval mode."""
     vocab = TextTokenizer.from_state_dict(state["bpe"]).vocab_size
     tokenizer = ImageTokenizer(saved_config(TokenizerConfig, state, "tokenizer_cfg", path), vocab).to(device)
-    tokenizer.load_state_dict(state["tokenizer"])
+    load_weights(tokenizer, state["tokenizer"], path)
     return tokenizer.eval()
 
 def load_models(path, device):
@@ -840,7 +838,7 @@ def load_models(path, device):
     tokenizer, bpe = tokenizer_from(state, path, device), TextTokenizer.from_state_dict(state["bpe"])
     c = tokenizer.cfg
     model = FlowTok(saved_config(FlowConfig, state, "flow_cfg", path), bpe.vocab_size, c.num_tokens, c.token_dim)
-    model.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in state["ema"].items()})
+    load_weights(model, state["ema"], path)
     return tokenizer, model.to(device).eval(), bpe, saved_config(SampleConfig, state, "sample_cfg", path)
 
 @torch.no_grad()
@@ -866,11 +864,10 @@ def text_to_image(tokenizer, model, bpe, prompts, s, seed=0, batch=256, read_as=
     return torch.cat(out)
 
 @torch.no_grad()
-def image_to_text(tokenizer, model, bpe, images, s, inverse=False, batch=256):
-    """Images (B, 3, S, S) in [0, 1] -> B captions: the best of s.candidates (caption_candidates).
-    inverse runs the text -> image field backwards, in s.steps (its paths are not straight)."""
-    best = [caption_candidates(tokenizer, model, images[i:i + batch], s.candidates, s.steps if inverse else s.i2t_steps,
-                               inverse, margin=s.check_margin, gain=s.check_gain)[:, 0]
+def image_to_text(tokenizer, model, bpe, images, s, batch=256):
+    """Images (B, 3, S, S) in [0, 1] -> B captions: the best of s.candidates (caption_candidates)."""
+    best = [caption_candidates(tokenizer, model, images[i:i + batch], s.candidates, s.i2t_steps,
+                               margin=s.check_margin, gain=s.check_gain)[:, 0]
             for i in range(0, len(images), batch)]  # (B, K) each
     return [bpe.decode(x) for ids in best for x in ids]
 
@@ -886,14 +883,14 @@ def pick_tokens(logits, generator=None):
     return torch.multinomial(logits.softmax(-1).flatten(0, 1), 1, generator=generator).view(logits.shape[:2])
 
 @torch.no_grad()
-def caption_candidates(tokenizer, model, img, n, steps=1, inverse=False, generator=None, margin=math.inf, gain=0.0):
+def caption_candidates(tokenizer, model, img, n, steps=1, generator=None, margin=math.inf, gain=0.0):
     """Image -> text with a check FlowTok lacks: images (B, 3, S, S) -> n captions each (B, n, K), best first:
     the likeliest, then draws (the same each call by default). A text-aware decoder ranks them by how well it
     redraws the picture from latent and caption (a wrong word draws a wrong shape); captions over `margin`
     nats less likely than the likeliest rank last, so a lucky redraw cannot outvote a sure reading, and another
     caption goes first only when it redraws at least a share `gain` better: a near tie keeps the likeliest."""
     z = tokenizer.latents(img, sample=False)
-    logits = model.caption_logits(z, steps, inverse)  # (B, K, vocab)
+    logits = model.caption_logits(z, steps)  # (B, K, vocab)
     generator = generator or torch.Generator(img.device).manual_seed(0)
     cands = torch.stack([logits.argmax(-1)] + [pick_tokens(logits, generator) for _ in range(n - 1)], 1)
     if tokenizer.cfg.text_aware and n > 1:

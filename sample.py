@@ -1,24 +1,16 @@
 """
-Sample from a trained nano FlowTok.
+Sample from a trained nano FlowTok; the sampling settings default to the checkpoint's, their flags override them.
 
-    python sample.py --prompt "a red circle to the left of a blue square"      # text -> image grid
-    python sample.py --prompts_file prompts.txt --num_samples 8 --guidance 3
-    python sample.py --image photo.png --image other.jpg                       # image -> text
-    python sample.py --recon my_photos/      # the tokenizer's reconstructions: PSNR and a grid
-    python sample.py --eval                  # judge both directions and round trips (test prompts)
-    python sample.py --sweep                 # accuracy vs Euler steps and guidance (tables and charts)
-    python sample.py --trajectory --prompt "a large red square"   # x_t decoded at every Euler step
-    python sample.py --trajectory --image pic.png --i2t_steps 8    # the captions read along image -> text
+    python sample.py --prompt "a red circle to the left of a blue square"   # text -> image (or --prompts_file)
+    python sample.py --image photo.png --image my_photos/   # image -> text; with --edit "a blue circle": redrawn
+    python sample.py --trajectory --prompt "a large red square"   # x_t decoded at each Euler step (or --image)
     python sample.py --interpolate "a small red circle" "a large blue square" --num_samples 8
-    python sample.py --image pic.png --edit "a small blue circle"  # read the caption, draw it edited
-    python sample.py --edit_eval 100         # judge caption edits of shapes-world renders (test prompts)
-
-The sampling settings default to the checkpoint's; their flags override them.
+    python sample.py --recon my_photos/   # the image tokenizer's reconstructions: PSNR and a grid
+    python sample.py --eval   # judge both directions, test prompts (--edit_eval 100: caption edits; --sweep: settings)
 """
 
 import os
 import sys
-import json
 import argparse
 import dataclasses
 import warnings
@@ -29,90 +21,64 @@ import torch
 import flowtok as ft
 import data
 
-def table(title, *columns):
-    """A markdown table's title and header; row() prints its rows."""
+def table(title, *columns):  # a markdown table's title and header; row() prints its rows
     print(f"{title}\n| {' | '.join(columns)} |\n" + "|---" * len(columns) + "|")
 
 def row(*cells):
     print("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in cells) + " |", flush=True)
 
 def sweep(tokenizer, model, bpe, s, ckpt_dir, n, split):
-    """Text -> image accuracy vs Euler steps x guidance, image -> text accuracy vs steps and vs the
-    check's margin, and accuracy vs training minutes (from evals.jsonl): tables, and charts in ckpt_dir."""
-    dev, all_steps, guidances, t2i, i2t = tokenizer.scale_factor.device, (1, 2, 4, 8, 20), (1.0, 2.0, 3.0), {}, {}
+    """Judge accuracy vs the sampling settings, a table each: text -> image vs Euler steps x guidance and vs
+    draws, image -> text vs Euler steps and vs the check's margin and gain; two charts in ckpt_dir."""
+    dev, all_steps, guidances = tokenizer.scale_factor.device, (1, 2, 4, 8, 20), (1.0, 2.0, 3.0)
     seen = ("seen overall", "held-out overall", "seen single", "seen relation", "seen count")
     cells = lambda a, held: (a["overall"], held["overall"], a["single"], a["relation"], a["count"])  # seen's columns
-    def t2i_accuracy(**settings):  # the judge's text -> image results with these settings changed
-        return data.evaluate(tokenizer, model, bpe, dataclasses.replace(s, **settings), n, split, directions=("t2i",))
+    def t2i_row(*head, **settings):  # the judge's text -> image results with these settings -> seen overall
+        r = data.evaluate(tokenizer, model, bpe, dataclasses.replace(s, **settings), n, split, ("t2i",))
+        row(*head, *cells(r["t2i_seen"], r["t2i_heldout"]))
+        return r["t2i_seen"]["overall"]
+    def i2t_accuracy(soft=False, pairs="seen", **settings):  # of the captions read from the split's renders
+        specs = data.eval_specs(pairs, n, split)
+        imgs = data.eval_images(tokenizer.cfg.image_size, specs, split, dev, soft)
+        read = ft.image_to_text(tokenizer, model, bpe, imgs, dataclasses.replace(s, **settings))
+        return data.accuracy(data.judge_captions(read, specs), specs)
 
     table(f"text -> image judge accuracy, {split} prompts, {n} per family and split, one draw per caption, source: "
           f"{'text-latent mean' if s.from_mean else 'text-latent sample'}", "steps", "guidance", *seen)
-    for steps in all_steps:
-        for guidance in guidances:
-            r = t2i_accuracy(steps=steps, guidance=guidance, draws=1)
-            t2i[steps, guidance] = r["t2i_seen"]["overall"]
-            row(steps, f"{guidance:g}", *cells(r["t2i_seen"], r["t2i_heldout"]))
+    t2i = {(st, g): t2i_row(st, f"{g:g}", steps=st, guidance=g, draws=1) for st in all_steps for g in guidances}
     table(f"\ntext -> image judge accuracy vs draws per caption (the one read back likeliest kept), {split} prompts, "
           f"{s.steps} Euler steps, guidance {s.guidance:g}", "draws", *seen)
     for draws in (1, 2, 4, 8, 16):
-        r = t2i_accuracy(draws=draws)
-        row(draws, *cells(r["t2i_seen"], r["t2i_heldout"]))
-
-    def i2t_accuracy(s, soft=False):  # {seen, heldout: accuracy} of the captions read from the split's renders
-        acc = {}
-        for pairs in ("seen", "heldout"):
-            specs = data.eval_specs(pairs, n, split)
-            imgs = data.eval_images(tokenizer.cfg.image_size, specs, split, dev, soft)
-            acc[pairs] = data.accuracy(data.judge_captions(ft.image_to_text(tokenizer, model, bpe, imgs, s), specs),
-                                       specs)
-        return acc
-
+        t2i_row(draws, draws=draws)
     table(f"\nimage -> text exact-caption accuracy vs Euler steps, {split} pictures, {n} per family and split, "
           f"best of {s.candidates} candidate captions", "steps", *seen)
-    for steps in all_steps:
-        acc = i2t_accuracy(dataclasses.replace(s, i2t_steps=steps))
-        i2t[steps] = acc["seen"]["overall"]
-        row(steps, *cells(acc["seen"], acc["heldout"]))
+    i2t = []
+    for st in all_steps:
+        acc = [i2t_accuracy(False, pairs, i2t_steps=st) for pairs in ("seen", "heldout")]
+        i2t.append(acc[0]["overall"])
+        row(st, *cells(*acc))
     table(f"\nimage -> text exact-caption accuracy vs the check's margin (nats below the likeliest caption) and "
           f"gain (share of the likeliest's redraw error to beat), {split} pictures of the world's renderer and of "
           f"the soft one, {s.i2t_steps} Euler step(s); candidates 1: the likeliest", "candidates", "check margin",
           "check gain", "seen", "held-out", "seen, soft renders", "held-out, soft renders")
     rules = [(1, 0.0, 0.0)] + [(s.candidates, m, 0.0) for m in (0.0, 1.0, 2.0, 4.0, math.inf)] + \
         [(s.candidates, s.check_margin, g) for g in (0.02, 0.05, 0.1, 0.2)]
-    for candidates, margin, gain in rules:
-        rule = dataclasses.replace(s, candidates=candidates, check_margin=margin, check_gain=gain)
-        accs = [i2t_accuracy(rule, soft)[pairs]["overall"] for soft in (False, True) for pairs in ("seen", "heldout")]
-        row(candidates, f"{margin:g}", f"{gain:g}", *accs)
-
-    def chart(name, series, xlabel, title):
-        data.line_chart(series, os.path.join(ckpt_dir, name), title, xlabel, "accuracy", (0, 1))
+    for c, m, g in rules:
+        row(c, f"{m:g}", f"{g:g}", *(i2t_accuracy(soft, pairs, candidates=c, check_margin=m, check_gain=g)["overall"]
+                                     for soft in (False, True) for pairs in ("seen", "heldout")))
+    by_steps = {f"t2i, guidance {g:g}": (all_steps, [t2i[st, g] for st in all_steps]) for g in guidances}
+    by_guidance = {f"t2i, {st} steps": (guidances, [t2i[st, g] for g in guidances]) for st in all_steps}
+    for name, series, xlabel, title in (
+            ("sweep_steps.png", {**by_steps, "i2t": (all_steps, i2t)}, "Euler steps", "accuracy vs Euler steps"),
+            ("sweep_guidance.png", by_guidance, "guidance scale", "text -> image accuracy vs guidance")):
+        data.line_chart(series, os.path.join(ckpt_dir, name), f"{title} ({split}, seen)", xlabel, "accuracy", (0, 1))
         print(f"chart: {os.path.join(ckpt_dir, name)}")
-    chart("sweep_steps.png", {**{f"t2i, guidance {g:g}": (all_steps, [t2i[st, g] for st in all_steps])
-                                 for g in guidances}, "i2t": (all_steps, [i2t[st] for st in all_steps])},
-          "Euler steps", f"accuracy vs Euler steps ({split}, seen)")
-    chart("sweep_guidance.png", {f"t2i, {st} steps": (guidances, [t2i[st, g] for g in guidances]) for st in all_steps},
-          "guidance scale", f"text -> image accuracy vs guidance ({split}, seen)")
-    path = os.path.join(ckpt_dir, "evals.jsonl")
-    if os.path.exists(path):
-        table("\naccuracy vs training minutes (periodic evaluations logged by train.py, validation prompts)",
-              "flow step", "flow minutes", "total minutes", "seen overall", "seen single", "held-out overall")
-        rows = [json.loads(line) for line in open(path)]
-        for r in rows:
-            row(r["step"], f"{r['minutes']:.1f}", f"{r.get('total_minutes', float('nan')):.1f}",
-                r["t2i_seen"]["overall"], r["t2i_seen"]["single"], r["t2i_heldout"]["overall"])
-        minutes = [r.get("total_minutes", r["minutes"]) for r in rows]
-        chart("accuracy_vs_minutes.png", {name: (minutes, [r[key][part] for r in rows]) for name, key, part in (
-            ("t2i seen", "t2i_seen", "overall"), ("t2i seen single", "t2i_seen", "single"),
-            ("t2i held-out", "t2i_heldout", "overall"))}, "training minutes",
-              "text -> image accuracy (val) vs training")
 
 def load_images(paths, size, dev):
     """Files, and folders' image files (sorted). Loads what loads; a one-line error on stderr for each
     file that does not. -> (images (N, 3, S, S) on dev, or None; their paths; number failed)."""
-    files = []
-    for p in paths:
-        files += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(data.IMAGE_EXTS)) \
-            if os.path.isdir(p) else [p]
+    files = [f for p in paths for f in (sorted(os.path.join(p, x) for x in os.listdir(p) if x.lower().endswith(
+        data.IMAGE_EXTS)) if os.path.isdir(p) else [p])]
     imgs, loaded = [], []
     for path in files:
         try:
@@ -124,8 +90,8 @@ def load_images(paths, size, dev):
 
 @torch.no_grad()
 def reconstruct(tokenizer, paths, dev, out, batch=256):
-    """--recon: the tokenizer's round trip on image files or folders: mean PSNR over all of them, and
-    a grid of the first 8 with each reconstruction under its original."""
+    """--recon: the tokenizer's round trip on image files or folders: the mean PSNR of all, and a grid of
+    the first 8 with each reconstruction under its original. -> the number of files that failed."""
     imgs, loaded, failed = load_images(paths, tokenizer.cfg.image_size, dev)
     if imgs is None:
         sys.exit("error: no image could be read from --recon")
@@ -145,9 +111,8 @@ def reconstruct(tokenizer, paths, dev, out, batch=256):
 
 @torch.no_grad()
 def trajectory(tokenizer, model, bpe, s, out, prompts=(), imgs=None, seed=0):
-    """--trajectory: one row per prompt (text -> image) or picture (image -> text), one column per
-    Euler step, each the picture the tokenizer decodes from x_t; image -> text adds the caption
-    the text decoder reads from x_t. The same frames animated in out's .gif."""
+    """--trajectory: a row per prompt (text -> image) or picture (image -> text), a column per Euler step, each
+    the picture decoded from x_t, from an image with the caption read from x_t too; as a .gif beside out."""
     dev, xs = tokenizer.scale_factor.device, []
     if prompts:  # the sampler's own path and decoding: the last column is --prompt's picture
         ids = bpe.encode(prompts).to(dev)
@@ -168,8 +133,7 @@ def trajectory(tokenizer, model, bpe, s, out, prompts=(), imgs=None, seed=0):
 
 @torch.no_grad()
 def interpolation(tokenizer, model, bpe, s, captions, n, seed=0):
-    """--interpolate: n pictures drawn from sources on the way from one caption's text latent to
-    the other's, all with the same noise."""
+    """--interpolate: n pictures drawn from sources on the line between two captions' text latents, one noise."""
     dev = tokenizer.scale_factor.device
     mean, logvar = model.text_encoder(bpe.encode(captions).to(dev))  # (2, K, C)
     # Linear between the two Gaussians, means and sigmas alike, with the noise --prompt draws for the first
@@ -199,8 +163,7 @@ def edit(tokenizer, model, bpe, s, imgs, captions):
     return read, drawn[:B], drawn[B:]
 
 def edited(spec, kind):
-    """A single-object spec with one attribute ('color', 'shape' or 'size') changed to the next value
-    round its list that keeps the colour-shape pair a seen one."""
+    """A single-object spec with `kind` ('color', 'shape' or 'size') changed to the next value keeping a seen pair."""
     (color, shape), = spec.objects
     now = {"color": color, "shape": shape, "size": spec.size}
     values = {"color": data.COLOR_NAMES, "shape": data.SHAPES, "size": data.SIZES}[kind]
@@ -234,76 +197,68 @@ def edit_eval(tokenizer, model, bpe, s, n, split, seed):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Sample from a trained nano FlowTok (text -> image, image -> text).")
-    p.add_argument("--prompt", action="append", default=[], help="a caption to draw (repeatable)")
+    many = dict(action="append", default=[])  # a repeatable flag
+    p.add_argument("--prompt", **many, help="a caption to draw (repeatable)")
     p.add_argument("--prompts_file", help="a text file with one caption per line")
-    p.add_argument("--image", action="append", default=[], help="an image to caption (repeatable)")
-    p.add_argument("--recon", action="append", default=[],
-                   help="an image or folder to reconstruct with the tokenizer: PSNR and a grid (repeatable)")
+    p.add_argument("--image", **many, help="an image, or a folder of them, to caption (repeatable)")
+    p.add_argument("--recon", **many, help="an image or folder the tokenizer reconstructs: PSNR, a grid (repeatable)")
     p.add_argument("--num_samples", type=int, default=4, help="pictures per prompt / captions per image")
     p.add_argument("--seed", type=int, default=0, help="the noise of the text latents drawn from")
     p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py")
     p.add_argument("--out", default="samples.png", help="output PNG grid")
-    p.add_argument("--eval", action="store_true",
-                   help="judge reconstructions, both directions and both round trips (a report)")
+    p.add_argument("--eval", action="store_true", help="judge reconstructions, both directions and both round trips")
     p.add_argument("--sweep", action="store_true", help="judge accuracy vs Euler steps and guidance (tables)")
     p.add_argument("--eval_prompts", type=int, default=100, help="prompts per family and split in --eval / --sweep")
-    p.add_argument("--split", choices=("val", "test"), default=None,
+    p.add_argument("--split", choices=("val", "test"),
                    help="evaluation prompts: --eval uses test, --sweep val (choose settings on val only)")
     p.add_argument("--trajectory", action="store_true", help="with --prompt or --image: the picture (and, from "
                    "an image, the caption) read from x_t at every Euler step, one row each, and a .gif")
-    p.add_argument("--interpolate", nargs="+", metavar="CAPTION", help="two captions: --num_samples pictures "
-                   "drawn from text latents on the line between theirs, with the same noise")
+    p.add_argument("--interpolate", nargs="+", default=[], metavar="CAPTION", help="two captions: --num_samples "
+                   "pictures drawn from text latents on the line between theirs, with the same noise")
     p.add_argument("--edit", metavar="CAPTION", help="with --image: read its caption, then draw the picture "
                    "again from its own inverted source under this caption (original | read | edited)")
     p.add_argument("--edit_eval", type=int, default=0, metavar="N",
                    help="judge N single-object caption edits per attribute kind on shapes-world renders")
-    p.add_argument("--inverse", action="store_true",
-                   help="image -> text by running the text -> image field backwards (a baseline)")
     p.add_argument("--device", default="auto", help="auto: cuda -> mps -> cpu")
     ft.add_fields(p, ft.SampleConfig, "", "sampling settings (default: the checkpoint's)")
     a = p.parse_args(argv)
-    if a.prompts_file and not os.path.exists(a.prompts_file):
-        sys.exit(f"error: prompts file {a.prompts_file} not found")
     prompts = list(a.prompt)
-    if a.prompts_file:
+    if a.prompts_file and os.path.exists(a.prompts_file):
         with open(a.prompts_file, encoding="utf-8", errors="replace") as f:
             prompts += [l.strip() for l in f if l.strip()]
     pictures = (prompts, a.interpolate, a.image and (a.edit or a.trajectory))  # the modes that write --out
     needs_flow = prompts or a.image or a.sweep or a.eval or a.interpolate or a.edit_eval  # --recon: the tokenizer
-    if any(not x.strip() for x in a.prompt):
-        sys.exit("error: empty prompt: give a caption, e.g. --prompt \"a small red circle\"")
-    if a.edit and not a.image:
-        sys.exit("error: --edit needs the picture to edit: --image PATH --edit \"new caption\"")
-    if not (needs_flow or a.recon):
-        sys.exit("error: nothing to do: give --prompt TEXT, --prompts_file FILE, --image PATH, --recon PATH, "
-                 "--interpolate A B, --edit_eval N, --sweep or --eval")
-    if a.interpolate and len(a.interpolate) != 2:
-        sys.exit(f"error: --interpolate takes two captions, not {len(a.interpolate)}: "
-                 "--interpolate \"a small red circle\" \"a large blue square\"")
-    if sum(map(bool, pictures)) > 1:
-        sys.exit("error: one picture per run: --prompt, --interpolate, or --image with --edit / --trajectory")
-    if min(a.num_samples, a.eval_prompts) < 1:
-        sys.exit("error: --num_samples and --eval_prompts must be at least 1")
+    for wrong, message in (  # the first that applies, as one line
+            (a.prompts_file and not os.path.exists(a.prompts_file), f"prompts file {a.prompts_file} not found"),
+            (any(not x.strip() for x in a.prompt), 'empty prompt: give a caption, e.g. --prompt "a small red circle"'),
+            (a.edit and not a.image, '--edit needs the picture to edit: --image PATH --edit "new caption"'),
+            (not (needs_flow or a.recon), "nothing to do: give --prompt TEXT, --prompts_file FILE, --image PATH, "
+                                          "--recon PATH, --interpolate A B, --edit_eval N, --sweep or --eval"),
+            (len(a.interpolate) not in (0, 2), f"--interpolate takes two captions, not {len(a.interpolate)}: "
+                                               '--interpolate "a small red circle" "a large blue square"'),
+            (sum(map(bool, pictures)) > 1, "one picture per run: --prompt, --interpolate, or --image with --edit / "
+                                           "--trajectory"),
+            (min(a.num_samples, a.eval_prompts) < 1, "--num_samples and --eval_prompts must be at least 1")):
+        if wrong:
+            sys.exit(f"error: {message}")
     overrides = {f.name: v for f in dataclasses.fields(ft.SampleConfig) if (v := getattr(a, f.name)) is not None}
     ft.build_config(ft.SampleConfig, overrides, "", p)  # range errors before a checkpoint is read
     dev = ft.pick_device(a.device)
     torch.set_flush_denormal(True)
-    try:
-        if needs_flow:
-            tokenizer, model, bpe, saved = ft.load_models(a.ckpt, dev)
-            s = dataclasses.replace(saved, **overrides)
-        else:
-            tokenizer = ft.tokenizer_from(ft.load_checkpoint(a.ckpt, dev), a.ckpt, dev)
+    try:  # --recon alone needs only the image tokenizer, which a checkpoint of any stage holds
+        tokenizer, model, bpe, s = ft.load_models(a.ckpt, dev) if needs_flow else \
+            (ft.tokenizer_from(ft.load_checkpoint(a.ckpt, dev), a.ckpt, dev), None, None, None)
     except ft.CheckpointError as e:
         sys.exit(f"error: {e}")
+    s = dataclasses.replace(s, **overrides) if needs_flow else None
     recon_out = os.path.splitext(a.out)[0] + "_recon.png" if any(pictures) else a.out  # not over the picture
     failed = reconstruct(tokenizer, a.recon, dev, recon_out) if a.recon else 0
     if a.eval:
         split = a.split or "test"
         print(f"{split} prompts, {a.eval_prompts} per family and split; sampling: {s}")
-        print(data.report(data.evaluate_tokenizer(tokenizer, a.eval_prompts, bpe, guidance=s.dec_guidance,
-                                                  split=split), True))
-        print(data.report(data.evaluate(tokenizer, model, bpe, s, a.eval_prompts, split, inverse=a.inverse), True))
+        print(data.report({**data.evaluate_tokenizer(tokenizer, a.eval_prompts, bpe, guidance=s.dec_guidance,
+                                                     split=split),
+                           **data.evaluate(tokenizer, model, bpe, s, a.eval_prompts, split)}, True))
     if a.sweep:
         sweep(tokenizer, model, bpe, s, os.path.dirname(a.ckpt), a.eval_prompts, a.split or "val")
     if a.edit_eval:
@@ -343,8 +298,7 @@ def main(argv=None):
         else:
             for path, img in zip(loaded, imgs):
                 cands = ft.caption_candidates(tokenizer, model, img[None], max(s.candidates, a.num_samples),
-                                              s.steps if a.inverse else s.i2t_steps, a.inverse,
-                                              torch.Generator(dev).manual_seed(a.seed), s.check_margin,
+                                              s.i2t_steps, torch.Generator(dev).manual_seed(a.seed), s.check_margin,
                                               s.check_gain)
                 caps = list(dict.fromkeys(bpe.decode(x) for x in cands[0]))  # best first, each once
                 print(f"{path}: " + " | ".join(caps[:a.num_samples]))

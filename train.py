@@ -373,7 +373,7 @@ def main(argv=None):
     run.print(f"image tokenizer: {ft.param_count(tokenizer) / 1e6:.2f}M parameters, "
               f"{tokenizer_cfg.num_tokens} x {tokenizer_cfg.token_dim} latent")
     if state.get("tokenizer"):
-        tokenizer.load_state_dict(state["tokenizer"])
+        ft.load_weights(tokenizer, state["tokenizer"], path)
     state.update(data=tc.data, bpe=bpe.state_dict(), tokenizer_cfg=dataclasses.asdict(tokenizer_cfg),
                  sample_cfg=dataclasses.asdict(sample_cfg))
     state.setdefault("train_cfg", dataclasses.asdict(tc))
@@ -394,8 +394,8 @@ def main(argv=None):
     model = run.build(ft.FlowTok(flow_cfg, bpe.vocab_size, tokenizer_cfg.num_tokens, tokenizer_cfg.token_dim))
     ema = copy.deepcopy(model).requires_grad_(False)
     if state.get("flow"):
-        model.load_state_dict(state["flow"])
-        ema.load_state_dict(state["ema"])
+        ft.load_weights(model, state["flow"], path)
+        ft.load_weights(ema, state["ema"], path)
     run.print(f"text tokenizer: {bpe.kind}, vocab {bpe.vocab_size}; flow model: "
               f"{ft.param_count(model.flow) / 1e6:.2f}M flow transformer, {ft.param_count(model) / 1e6:.2f}M in all")
     train_flow(run, tc, sample_cfg, tokenizer, model, ema, bpe, world, state)  # at once if already at flow_steps

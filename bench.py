@@ -7,6 +7,7 @@ two passes a step for guidance, the decoder twice for decoder guidance, the re-e
     python bench.py --preset=B --flow_batch=256      # paper-sized flow transformer (12 x 768, 77 x 16)
     python bench.py --predict                        # the gpu preset's FLOPs and minutes, on paper
     python bench.py --report                         # GPU acceptance: train, judge, time; one table
+    python bench.py --check_compile                  # a compiled (inductor) training step vs eager
 """
 import argparse
 import dataclasses
@@ -24,7 +25,7 @@ import flowtok as ft
 
 @dataclasses.dataclass
 class BenchConfig:
-    preset: str = "auto"          # model sizes and batches of a flowtok.PRESETS entry; auto: gpu on CUDA, else cpu
+    preset: str = "auto"          # model sizes and batches of a flowtok.PRESETS entry; auto: as train.py picks
     device: str = "auto"          # auto: cuda -> mps -> cpu
     tokenizer_batch: int = 32     # pictures per tokenizer step (the cpu preset's)
     flow_batch: int = 128         # (caption, picture) pairs per flow step (the cpu preset's)
@@ -32,6 +33,7 @@ class BenchConfig:
     iters: int = 10               # timed iterations per measurement (median)
     peak_tflops: float = 0.0      # for MFU; 0 = 989 (H100/H200 bf16 dense) on CUDA, not shown elsewhere
     predict: bool = False         # print each stage's FLOPs and predicted minutes (preset auto: gpu), no timing
+    check_compile: bool = False   # one training step of each stage compiled (inductor) vs eager
     report: bool = False          # train the preset within budget_minutes, judge it, time the B flow step
     budget_minutes: float = 9.0   # --report: wall clock for it all; a schedule that does not fit is shortened
     out_dir: str = "out-report"   # --report: train.py's run; report.md lands here, or in $OUT when set
@@ -57,16 +59,20 @@ def timed(fn, iters, dev):
         times.append(time.perf_counter() - t)
     return sorted(times[3:])[iters // 2]
 
-def bench_variant(bc, tokenizer_cfg, flow_cfg, s, compiled, bf16, parts=("tokenizer", "flow", "sampling")):
-    """{measurement: (seconds, images/s, FLOP/s or None)} for one variant, of the named parts. The shapes world,
-    a BPE trained on its captions and both models are built anew, all from seed 0."""
-    dev = ft.pick_device(bc.device)
-    autocast = ft.mixed_precision(dev, bf16)[2]
+def build(tokenizer_cfg, flow_cfg, dev):
+    """The shapes world, a BPE trained on its captions and both models, all from seed 0."""
     torch.manual_seed(0)
     world = data.ShapesWorld(tokenizer_cfg.image_size, seed=0, device=dev)
     bpe = ft.TextTokenizer.train([data.caption(x) for x in world.sample_specs(2000)], tokenizer_cfg.num_tokens)
     tokenizer = ft.ImageTokenizer(tokenizer_cfg, bpe.vocab_size).to(dev)
     model = ft.FlowTok(flow_cfg, bpe.vocab_size, tokenizer_cfg.num_tokens, tokenizer_cfg.token_dim).to(dev)
+    return world, bpe, tokenizer, model
+
+def bench_variant(bc, tokenizer_cfg, flow_cfg, s, compiled, bf16, parts=("tokenizer", "flow", "sampling")):
+    """{measurement: (seconds, images/s, FLOP/s or None)} for one variant, of the named parts."""
+    dev = ft.pick_device(bc.device)
+    autocast = ft.mixed_precision(dev, bf16)[2]
+    world, bpe, tokenizer, model = build(tokenizer_cfg, flow_cfg, dev)
     for m in (tokenizer, model):
         ft.use_manual_attention(m, bf16 and dev.type == "cpu")  # as train.py does
     rows = {}
@@ -193,6 +199,31 @@ def report(bc, dev, s, variants, peak, machine):
         f.write(table + "\n")
     print(f"\n{table}\n\nwritten to {path}; total {(time.time() - t0) / 60:.1f} min")
 
+def check_compile(bc, tokenizer_cfg, flow_cfg, tol=1e-4):
+    """A training step of each stage compiled by inductor against eager, from the same weights and the
+    same random draws: the loss and every gradient must agree within tol of the largest of them."""
+    import torch._inductor.config
+    torch._inductor.config.fallback_random = True  # draw with eager's generator: inductor's own draws differ
+    dev = ft.pick_device(bc.device)
+    K, C = tokenizer_cfg.num_tokens, tokenizer_cfg.token_dim
+    out = {"tokenizer": [], "flow": []}  # per stage: the loss and every gradient, flat, eager then compiled
+    for compiled in (False, True):
+        world, bpe, tokenizer, model = build(tokenizer_cfg, flow_cfg, dev)
+        img, captions, _ = world.batch(bc.tokenizer_batch)
+        ids = bpe.encode(captions).to(dev)
+        for name, module, inputs in (("tokenizer", tokenizer, (img, ids)),
+                                     ("flow", model, (ids, torch.randn(len(ids), K, C, device=dev), ids))):
+            torch.manual_seed(1)
+            loss, _ = (torch.compile(module) if compiled else module)(*inputs)
+            loss.backward()
+            out[name].append(torch.cat([loss.detach().view(1)] + [p.grad.flatten() for p in module.parameters()]))
+    errors = {name: ((b - a).abs().max() / a.abs().max()).item() for name, (a, b) in out.items()}
+    for name, (a, b) in out.items():
+        print(f"{name} step: loss eager {a[0]:.6f}, compiled {b[0]:.6f}; largest difference in the loss "
+              f"and gradients {errors[name]:.1e} of the largest value (tolerance {tol:g})", flush=True)
+    if max(errors.values()) > tol:
+        sys.exit(f"error: the compiled step differs from eager by {max(errors.values()):.1e} > {tol:g}")
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     configs, cli = ft.parse_settings(p, SECTIONS, argv)
@@ -201,6 +232,8 @@ def main(argv=None):
     peak = (bc.peak_tflops or (989.0 if dev.type == "cuda" else 0.0)) * 1e12
     if bc.predict:  # on paper: the gpu preset unless another is named, at an H100/H200's peak unless told
         return print(predict(train_settings(cli.get("preset", "gpu")), bc.peak_tflops * 1e12 or 989e12))
+    if bc.check_compile:
+        return check_compile(bc, tokenizer_cfg, flow_cfg)
     # eager bf16 only where it is faster on this CPU: emulated, one row can take minutes
     default = VARIANTS if dev.type == "cuda" else VARIANTS[:1 + ft.cpu_bf16_is_faster()]
     variants = bc.variants.split(",") if bc.variants else default

@@ -1,8 +1,6 @@
 """Data for nano FlowTok, in three parts:
-1. The shapes world: a procedurally generated text <-> image dataset that needs no download, flat coloured
-   shapes on white captioned in a tiny canonical grammar (vocabulary -> specs and captions -> sampling -> rendering).
-2. The judge: says exactly whether a picture (or a caption) matches a prompt; usable alone. Beside it, the
-   evaluation of a trained model with it, on validation or test prompts.
+1. The shapes world: flat coloured shapes on white captioned in a tiny canonical grammar, generated (no download).
+2. The judge: says exactly whether a picture (or a caption) matches a prompt, usable alone; evaluation with it.
 3. Your own captioned images (three folder layouts) with the shapes world's interface; picture grids and charts."""
 import csv
 import dataclasses
@@ -37,13 +35,11 @@ SIZES = ("small", "large")
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 HELD_OUT = frozenset({("green", "triangle"), ("purple", "circle"), ("orange", "square"), ("blue", "diamond")})
 FAMILIES = ("single", "relation", "count")
-
 SIZE_FRACTION = {"small": 0.09, "large": 0.16}  # radius r as a fraction of the image size
 # Each relation as (axis, sign) of centre(A) - centre(B), with x = axis 0 and y = axis 1 growing downwards.
 RELATION_AXIS = {"to the left of": (0, -1), "to the right of": (0, 1), "above": (1, -1), "below": (1, 1)}
 COUNT_WORDS = {2: "two", 3: "three"}
 MAX_OBJECTS = 3
-
 # Every (colour, shape) pair in a fixed order: never iterate HELD_OUT, a frozenset's order varies between processes.
 ALL_PAIRS = tuple((c, s) for c in COLORS for s in SHAPES)
 SEEN_PAIRS = tuple(p for p in ALL_PAIRS if p not in HELD_OUT)
@@ -51,8 +47,7 @@ HELD_OUT_PAIRS = tuple(p for p in ALL_PAIRS if p in HELD_OUT)
 COLOR_NAMES = tuple(COLORS)
 
 def inside_shape(shape, dx, dy, r):
-    """Which points (offset dx, dy from the box centre, y down) lie in `shape` drawn in a box of half-side r:
-    pixels to render (integer r), templates in a unit box to judge."""
+    """Which points (dx, dy) from the box centre (y down) lie in `shape` drawn in a box of half-side r."""
     if shape == "circle":
         return dx ** 2 + dy ** 2 <= r ** 2                 # disc of radius r
     if shape == "square":
@@ -70,16 +65,14 @@ class Spec:
     size: str        # 'small' | 'large', shared by all objects; only the single family's caption states it
     relation: str | None = None  # one of RELATIONS for the relation family, else None
 
-def _article(word):
-    return "an" if word[0] in "aeiou" else "a"  # every colour word has a regular vowel sound
-
 def caption(spec):
     if spec.family == "single":
         (color, shape), = spec.objects
         return f"a {spec.size} {color} {shape}"  # "small"/"large" never take "an"
     if spec.family == "relation":
         (ca, sa), (cb, sb) = spec.objects
-        return f"{_article(ca)} {ca} {sa} {spec.relation} {_article(cb)} {cb} {sb}"
+        art = lambda word: "an" if word[0] in "aeiou" else "a"  # every colour word has a regular vowel sound
+        return f"{art(ca)} {ca} {sa} {spec.relation} {art(cb)} {cb} {sb}"
     color, shape = spec.objects[0]
     return f"{COUNT_WORDS[len(spec.objects)]} {color} {shape}s"
 
@@ -91,8 +84,7 @@ _COUNT_RE = re.compile(rf"(two|three) {_C} {_S}s")
 
 def parse_caption(text):
     """Canonical grammar -> Spec, or None. Accepts either article, any case/spacing, a final period."""
-    text = " ".join(text.lower().split())
-    text = text[:-1].rstrip() if text.endswith(".") else text
+    text = " ".join(text.lower().strip().removesuffix(".").split())
     if m := _SINGLE_RE.fullmatch(text):
         size, color, shape = m.groups()
         return Spec("single", ((color, shape),), size)
@@ -106,15 +98,12 @@ def parse_caption(text):
 
 def normalize(spec):
     """Rewrite 'right of'/'below' as 'left of'/'above' with the objects swapped: same picture-meaning."""
-    flipped = {"to the right of": "to the left of", "below": "above"}
-    if spec.family == "relation" and spec.relation in flipped:
-        return Spec("relation", spec.objects[::-1], spec.size, flipped[spec.relation])
-    return spec
+    flip = spec.family == "relation" and {"to the right of": "to the left of", "below": "above"}.get(spec.relation)
+    return Spec("relation", spec.objects[::-1], spec.size, flip) if flip else spec
 
 def reader_phrasing(texts):
     """Captions as image -> text learns to say them: a relation left/above-wise (normalize); other text as is."""
-    return [caption(normalize(spec)) if (spec := parse_caption(t)) and spec != normalize(spec) else t
-            for t in texts]
+    return [caption(normalize(spec)) if (spec := parse_caption(t)) and spec != normalize(spec) else t for t in texts]
 
 def same_meaning(a, b):
     a, b = normalize(a), normalize(b)
@@ -126,8 +115,8 @@ def is_held_out(spec):
 
 # sampling specs
 def _spec_from_uniforms(family, u, pairs_a, pairs_b):
-    """One spec of `family` from uniforms in [0, 1) (a whole batch from one vectorised rng call): u[1..5] pick
-    pair A from pairs_a, pair B from those pairs_b of another colour, relation, size and count."""
+    """One spec of `family` from uniforms u in [0, 1): u[1..5] pick pair A, pair B (another colour), relation, size,
+    count, so that a whole batch is one vectorised rng call."""
     size = SIZES[int(u[4] * 2)]
     pair_a = pairs_a[int(u[1] * len(pairs_a))]
     if family == "single":
@@ -176,8 +165,7 @@ class ShapesWorld:
                 for u in self.rng.random((n, 6))]
 
     def layout(self, specs, rng=None):
-        """Random placement obeying the spec's constraints, by vectorised rejection sampling.
-        Returns integer numpy arrays cx, cy (B, MAX_OBJECTS) and r (B,); unused slots are 0."""
+        """Placement obeying the specs by vectorised rejection sampling -> int cx, cy (B, O), r (B,); unused slots 0."""
         rng = self.rng if rng is None else rng
         S, B = self.image_size, len(specs)
         n_obj = np.array([len(s.objects) for s in specs])
@@ -186,18 +174,15 @@ class ShapesWorld:
         axis, sign = np.array([RELATION_AXIS.get(s.relation, (-1, 0)) for s in specs]).T  # axis -1: no relation
         min_offset = math.ceil(0.2 * S)
         cx, cy = np.zeros((2, B, MAX_OBJECTS), np.int64)
-        T = 64  # candidate layouts per image per round; most images find one in the first round
-        todo = np.arange(B)
+        T, todo = 64, np.arange(B)  # T candidate layouts per image per round; most images find one in the first
         while len(todo):
             rt = r[todo, None, None, None]
-            # Centre in [r, S - r] keeps the box [c - r, c + r) inside the canvas.
             u = rng.random((len(todo), T, MAX_OBJECTS, 2))
-            c = rt + np.floor(u * (S - 2 * rt + 1)).astype(np.int64)  # (b, T, O, 2) centres (x, y)
+            c = rt + np.floor(u * (S - 2 * rt + 1)).astype(np.int64)  # (b, T, O, 2) centres (x, y) in [r, S - r]
             ok = np.ones((len(todo), T), bool)
-            for i, j in ((0, 1), (0, 2), (1, 2)):
-                gap = np.abs(c[:, :, i] - c[:, :, j]).max(-1) - 2 * r[todo, None]  # empty pixels between boxes
-                used = (n_obj[todo] > j)[:, None]
-                ok &= ~used | (gap >= 2)
+            for i, j in ((0, 1), (0, 2), (1, 2)):  # boxes [c - r, c + r) at least 2 empty pixels apart
+                gap = np.abs(c[:, :, i] - c[:, :, j]).max(-1) - 2 * r[todo, None]
+                ok &= (n_obj[todo] <= j)[:, None] | (gap >= 2)  # (slot j unused, or far enough)
             d = c[:, :, 0] - c[:, :, 1]  # (b, T, 2) offset of A from B
             ax = np.maximum(axis[todo], 0)[:, None]
             along = np.take_along_axis(d, ax[:, :, None], 2)[..., 0] * sign[todo, None]
@@ -211,9 +196,8 @@ class ShapesWorld:
         return cx * present, cy * present, r
 
     def render(self, specs, rng=None, soft=False):
-        """Specs -> float images (B, 3, S, S) in [0, 1] on self.device: flat palette colours on white.
-        soft: another renderer, to test a model on pictures it was not trained on: centres moved off the pixel
-        grid by up to half a pixel, edges anti-aliased (each pixel the mean of 4 x 4 samples)."""
+        """Specs -> float images (B, 3, S, S) in [0, 1], flat palette colours on white. soft: another renderer, to test
+        a model on pictures it was not trained on: centres off the pixel grid, edges anti-aliased (4 x 4 samples)."""
         rng = self.rng if rng is None else rng
         cx, cy, r = self.layout(specs, rng)
         B, S, dev = len(specs), self.image_size, self.device
@@ -250,14 +234,12 @@ class ShapesWorld:
         self.rng.bit_generator.state = d["rng"]
 
 class WorldPool:
-    """A fixed sample of the shapes world encoded once by the frozen tokenizer, for the flow stage: on a CPU,
-    rendering and encoding cost a good share of a flow step. Its pictures come from their own stream seeded by
-    `seed` (a resumed run rebuilds the same pool); which ones a batch takes, from `world`'s checkpointed generator."""
+    """The shapes world sampled once and encoded by the frozen tokenizer: on a CPU, rendering and encoding cost a good
+    share of a flow step. Pictures from a stream seeded by `seed` (a resume rebuilds it), drawn by `world`'s rng."""
     @torch.no_grad()
     def __init__(self, world, tokenizer, n, seed, batch=500):
         source = ShapesWorld(world.image_size, world.hold_out, seed=seed, device=world.device)
-        self.world, self.specs, moments = world, [], []
-        t0 = time.time()
+        self.world, self.specs, moments, t0 = world, [], [], time.time()
         print(f"latent pool: encoding {n} pictures of the shapes world", flush=True)
         for start in range(0, n, batch):
             img, _, specs = source.batch(min(batch, n - start))
@@ -355,10 +337,8 @@ def _judge_one(objs, spec):
     if any(o["shape"] is None for o in objs):
         return False  # an object with no recognisable shape spoils the picture
     found = [(o["color"], o["shape"]) for o in objs]
-    if spec.family == "single":
-        return found == list(spec.objects) and objs[0]["size"] == spec.size
-    if spec.family == "count":
-        return found == list(spec.objects)  # N identical (colour, shape) entries
+    if spec.family != "relation":  # count: N identical (colour, shape) entries; single: one, of the right size
+        return found == list(spec.objects) and (spec.family == "count" or objs[0]["size"] == spec.size)
     if len(objs) != 2 or {o["color"] for o in objs} != {c for c, _ in spec.objects}:
         return False
     by_color = {o["color"]: o for o in objs}
@@ -388,10 +368,9 @@ def eval_images(image_size, specs, split, device, soft=False):
 
 @torch.no_grad()
 def evaluate(tokenizer, model, bpe, s, n, split="val", directions=("t2i", "i2t"), hold_out=True):
-    """Judge accuracy per family on seen and held-out prompts of a split (n per family each) with the sampling
-    settings s: text -> image (and from one draw, if s.draws > 1), and with 'i2t' image -> text (the likeliest
-    caption and the best of s.candidates, on the world's renders and on soft ones), both round trips and the
-    text decoder's decode(encode(caption))."""
+    """Judge accuracy per family on a split's seen and held-out prompts (n per family each), sampling settings s:
+    text -> image (and from one draw if s.draws > 1); with 'i2t' image -> text (likeliest and best of s.candidates,
+    on the world's renders and soft ones), both round trips and the text decoder's decode(encode(caption))."""
     res, dev = {}, tokenizer.scale_factor.device
     likeliest = dataclasses.replace(s, candidates=1)
     for pairs in ("seen", "heldout"):
@@ -410,26 +389,23 @@ def evaluate(tokenizer, model, bpe, s, n, split="val", directions=("t2i", "i2t")
                 caps = ft.image_to_text(tokenizer, model, bpe, truth, settings)
                 key = "_".join(["i2t"] + ["soft"] * soft + [name] * bool(name) + [pairs])
                 res[key] = accuracy(judge_captions(caps, specs), specs)
-        # text -> image -> text: is the caption of the generated image the prompt?
-        back = ft.image_to_text(tokenizer, model, bpe, imgs, s)
+        back = ft.image_to_text(tokenizer, model, bpe, imgs, s)  # text -> image -> text: is it the prompt again?
         res[f"t2i2t_{pairs}"] = accuracy(judge_captions(back, specs), specs)
-        # image -> text -> image: does the picture drawn from the caption pass for the original spec?
         with warnings.catch_warnings():  # the captions are model output: over-long ones are just wrong
             warnings.simplefilter("ignore")
             redrawn = ft.text_to_image(tokenizer, model, bpe, [c or "?" for c in caps], s)
-        res[f"i2t2i_{pairs}"] = accuracy(judge_images(redrawn, specs), specs)
+        res[f"i2t2i_{pairs}"] = accuracy(judge_images(redrawn, specs), specs)  # image -> text -> image: same spec?
         ids = bpe.encode(prompts).to(dev)
         dec = [bpe.decode(x) for x in model.text_decoder(model.text_encoder(ids)[0]).argmax(-1)]
         res[f"text_roundtrip_{pairs}"] = accuracy([a == b for a, b in zip(dec, prompts)], specs)
     return res
 
 @torch.no_grad()
-def evaluate_tokenizer(tokenizer, n, bpe=None, images=None, captions=None, guidance=0.0, split="val",
-                       hold_out=True):
+def evaluate_tokenizer(tokenizer, n, bpe=None, images=None, captions=None, guidance=0.0, split="val", hold_out=True):
     """PSNR (and on the shapes world judge accuracy) of reconstructions from the posterior mean, of the given
     images or of a split's evaluation renders (n per family, seen and held-out). 'recon_blind' decodes without
     the captions; 'recon' lets a text-aware decoder read them (bpe given), with decoder guidance `guidance`."""
-    dev = tokenizer.scale_factor.device
+    res, dev = {}, tokenizer.scale_factor.device
     def recon_psnr(img, caps):
         ids = bpe.encode(caps).to(dev) if caps is not None and bpe is not None else None
         rec = tokenizer.decode(tokenizer.encode(img)[0], ids, guidance).clamp(0, 1)
@@ -437,7 +413,6 @@ def evaluate_tokenizer(tokenizer, n, bpe=None, images=None, captions=None, guida
         return rec, (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()
     if images is not None:
         return {"recon": {"psnr": recon_psnr(images, captions)[1]}}
-    res = {}
     for pairs in ("seen", "heldout"):
         specs = eval_specs(pairs, n, split, hold_out)
         img = eval_images(tokenizer.cfg.image_size, specs, split, dev)
@@ -479,12 +454,11 @@ def _open_rgb(path, size):
             im = ImageOps.exif_transpose(im)  # phone photos store rotation in EXIF; captions see it upright
             if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
                 im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
-            elif im.mode.startswith(("I", "F")):
+            elif im.mode.startswith(("I", "F")):  # Pillow keeps 16-bit PNG/TIFF data in these modes
                 a = np.nan_to_num(np.asarray(im, dtype=np.float64))
                 peak = a.max(initial=0)
-                # Pillow keeps 16-bit PNG/TIFF data in these modes; floats are usually in [0, 1]
                 sixteen_bit = im.mode.startswith("I;16") or (im.mode == "I" and peak <= 65535)
-                full = 65535 if sixteen_bit else 1.0 if peak <= 1 else 255 if peak <= 255 else peak
+                full = 65535 if sixteen_bit else 1.0 if peak <= 1 else 255 if peak <= 255 else peak  # floats: [0, 1]
                 im = Image.fromarray(np.clip(a / full * 255, 0, 255).round().astype(np.uint8))
             return im.convert("RGB")  # palette, CMYK, grayscale, 1-bit ...
     except FileNotFoundError:
@@ -557,35 +531,31 @@ def _coco_entries(ann, image_root, skipped):
         else:
             skipped["bad metadata line"] += 1
     skipped["no caption"] += sum(i not in caps for i in images)
-    here = os.path.dirname(os.path.abspath(ann))
-    split = os.path.basename(ann)[len("captions_"):-len(".json")]
-    roots = [image_root] if image_root else [here, os.path.join(here, split),
-                                             os.path.join(os.path.dirname(here), split)]
+    here, split = os.path.dirname(os.path.abspath(ann)), os.path.basename(ann)[len("captions_"):-len(".json")]
     names = list(images.values())[:100]  # the root holding most of the first 100 images; the first wins ties
-    root = max(roots, key=lambda r: sum(os.path.isfile(os.path.join(r, n)) for n in names))
+    root = image_root or max([here, os.path.join(here, split), os.path.join(os.path.dirname(here), split)],
+                             key=lambda r: sum(os.path.isfile(os.path.join(r, n)) for n in names))
     return {os.path.join(root, name): caps[i] for i, name in images.items() if i in caps}
 
 def _find_format(path, image_root):
     """-> (format name, {image path: [raw captions]}, skip counts), or a ValueError saying what to give instead."""
-    skipped = Counter()
+    skipped, root, metas = Counter(), os.path.dirname(os.path.abspath(path)), ("metadata.jsonl", "metadata.csv")
     if not os.path.exists(path):
         raise ValueError(f"dataset {path}: no such file or folder: give a folder of captioned images or a COCO "
                          "captions_*.json")
-    root = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):  # a metadata file first, else one COCO captions file, else .txt captions
-        metas = [f for f in (os.path.join(path, m) for m in ("metadata.jsonl", "metadata.csv")) if os.path.isfile(f)]
-        found = metas[:1] or sorted(glob.glob(os.path.join(path, "captions_*.json")) +
-                                    glob.glob(os.path.join(path, "annotations", "captions_*.json")))
+        found = [f for f in (os.path.join(path, m) for m in metas) if os.path.isfile(f)][:1] or \
+            sorted(f for sub in ("", "annotations") for f in glob.glob(os.path.join(path, sub, "captions_*.json")))
         if len(found) > 1:
             raise ValueError(f"dataset {path}: several COCO caption files ({', '.join(map(os.path.basename, found))})"
                              ": give the one to train on as the path")
-        if not found:
-            if entries := _txt_entries(path, skipped):
-                return "txt", entries, skipped
+        if not found and not (entries := _txt_entries(path, skipped)):
             raise ValueError(f"dataset {path}: no metadata.jsonl/metadata.csv, no captions_*.json and no image "
                              "with a same-named .txt caption: put your captions in one of these layouts")
+        if not found:
+            return "txt", entries, skipped
         root, path = path, found[0]
-    if os.path.basename(path) in ("metadata.jsonl", "metadata.csv"):
+    if os.path.basename(path) in metas:
         return "imagefolder", _imagefolder_entries(root, path, skipped), skipped
     if path.endswith(".json"):
         return "coco", _coco_entries(path, image_root, skipped), skipped
@@ -594,46 +564,36 @@ def _find_format(path, image_root):
 
 def _clean_caption(text, skipped):
     """The caption with whitespace runs (newlines too) as one space, or None with its skip reason counted."""
-    try:
-        text.encode("utf-8")  # files are read with surrogateescape: undecodable bytes fail here
-    except UnicodeEncodeError:
-        skipped["caption not UTF-8"] += 1
-        return None
-    text = " ".join(text.split())
-    if not text:
-        skipped["empty caption"] += 1
-    return text or None
+    # files are read with surrogateescape: each undecodable byte is a lone surrogate, which UTF-8 cannot encode
+    why = "caption not UTF-8" if re.search("[\ud800-\udfff]", text) else None if text.split() else "empty caption"
+    if why:
+        skipped[why] += 1
+    return None if why else " ".join(text.split())
 
 class CaptionedImages:
-    """Your (image, caption) pairs with ShapesWorld's interface: batch(n), state_dict(), captions(). Epochs are
-    seeded permutations, one of an image's captions drawn at each use. Up to cache_mb of preprocessed images stay
-    in memory, a fixed set filled at open time (under shuffled epochs an LRU smaller than the data never hits)."""
+    """Your (image, caption) pairs with ShapesWorld's interface; seeded epochs, one of an image's captions drawn each
+    time. cache_mb of images stay in memory, a set fixed at open (an LRU under shuffled epochs would never hit)."""
     def __init__(self, path, image_size, seed=0, device="cpu", image_root=None, cache_mb=512):
         self.path, self.image_size, self.device = path, image_size, torch.device(device)
         self.format, entries, self.skipped = _find_format(path, image_root)
-        files, caps = [], []
-        for file, raw in entries.items():
-            if good := [c for c in (_clean_caption(text, self.skipped) for text in raw) if c]:
-                files.append(file)  # an image with no good caption is skipped
-                caps.append(good)
-        min_side = math.ceil(image_size * MIN_SIDE_FRACTION)
-        n_cache = cache_mb * 2 ** 20 // (3 * image_size ** 2)
+        entries = {file: good for file, raw in entries.items()  # an image with no good caption is skipped
+                   if (good := [c for c in (_clean_caption(text, self.skipped) for text in raw) if c])}
+        min_side, n_cache = math.ceil(image_size * MIN_SIDE_FRACTION), cache_mb * 2 ** 20 // (3 * image_size ** 2)
 
         def scan(i, file):  # -> skip reason, or the preprocessed image (None past the cache budget)
-            if not os.path.isfile(file):
-                return "missing file"
             try:  # a real decode, not verify(): verify() never reads a JPEG's data, so misses truncation
                 im = _open_rgb(file, image_size)
             except ValueError:
-                return "unreadable image"
+                return "unreadable image" if os.path.isfile(file) else "missing file"
             if min(im.size) < min_side:  # draft decoding never shrinks a side below image_size
                 return "image too small"
             return _resize_crop(im, image_size) if i < n_cache else None
 
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without holding the GIL
-            results = list(pool.map(scan, range(len(files)), files))
+            results = list(pool.map(scan, range(len(entries)), entries))
         self.skipped.update(r for r in results if isinstance(r, str))
         keep = [i for i, r in enumerate(results) if not isinstance(r, str)]
+        files, caps = list(entries), list(entries.values())
         self.files, self.caps = [files[i] for i in keep], [caps[i] for i in keep]
         self.cache = {j: results[i] for j, i in enumerate(keep) if results[i] is not None}
         usable = f"{len(self.files)} usable images with {sum(map(len, self.caps))} captions" if self.files else \
@@ -676,8 +636,7 @@ class CaptionedImages:
                     raise ValueError(f"dataset {self.path}: every image failed to decode during training: "
                                      "check the disk and the files")
                 self.order, self.pos = self.rng.permutation(alive), 0
-            i = int(self.order[self.pos])
-            self.pos += 1
+            i, self.pos = int(self.order[self.pos]), self.pos + 1
             img = self._load(i) if (load and i not in self.bad) else None
             if i not in self.bad:
                 out.append((i, img, self.caps[i][self.rng.integers(len(self.caps[i]))]))
@@ -691,19 +650,18 @@ class CaptionedImages:
             x = x.pin_memory()
         return x.to(self.device, non_blocking=True).float() / 255, list(caps), [None] * n
 
-    def state_dict(self):
-        # plain ints, lists and one tensor: safe for weights_only loads
+    def state_dict(self):  # plain ints, lists and one tensor: safe for weights_only loads
         return {"rng": self.rng.bit_generator.state, "order": torch.from_numpy(self.order.astype(np.int64)),
                 "pos": self.pos, "bad": list(self.bad), "fingerprint": self.fingerprint}
 
     def load_state_dict(self, d):
         self.rng.bit_generator.state = d["rng"]
-        if d["fingerprint"] != self.fingerprint:  # files added, removed or newly broken since the checkpoint
+        if d["fingerprint"] == self.fingerprint:
+            self.order, self.pos, self.bad = d["order"].numpy(), d["pos"], list(d["bad"])
+        else:  # files added, removed or newly broken since the checkpoint
             print(f"warning: dataset {self.path} changed since the checkpoint: continuing with a fresh shuffle",
                   file=sys.stderr)
             self.order, self.pos, self.bad = self.rng.permutation(len(self.files)), 0, []
-            return
-        self.order, self.pos, self.bad = d["order"].numpy(), d["pos"], list(d["bad"])
 
 open_dataset = CaptionedImages  # your captioned images in whichever layout they are (see the top of this part)
 
@@ -717,17 +675,15 @@ class LatentCache:
         weights = sum(float(v.double().sum()) for v in tokenizer.state_dict().values())
         key, meta = f"{ds.fingerprint}-{N}-{K}x{C}-{weights:.10e}", path + ".json"
         if not (os.path.exists(path) and os.path.exists(meta) and json.load(open(meta))["key"] == key):
-            tmp = f"{path}.{os.getpid()}.tmp.npy"  # per process: DDP ranks may build it at the same time
+            tmp, t0 = f"{path}.{os.getpid()}.tmp.npy", time.time()  # per process: DDP ranks may build it at once
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(N, 2, K, C))
-            t0 = time.time()
             for start in range(0, N, batch):
-                loaded = [(i, img) for i in range(start, min(N, start + batch)) if (img := ds._load(i)) is not None]
+                loaded = {i: img for i in range(start, min(N, start + batch)) if (img := ds._load(i)) is not None}
                 if loaded:
-                    x = torch.stack([img for _, img in loaded]).to(ds.device).float() / 255
-                    out[[i for i, _ in loaded]] = torch.stack(tokenizer.encode(x), 1).cpu().numpy().astype(np.float16)
+                    x = torch.stack(list(loaded.values())).to(ds.device).float() / 255
+                    out[list(loaded)] = torch.stack(tokenizer.encode(x), 1).cpu().numpy().astype(np.float16)
                 print(f"latent cache: {min(N, start + batch)}/{N} images encoded", end="\r", flush=True)
-            out.flush()
-            del out  # closed before the rename
+            del out  # flushed and closed before the rename
             os.replace(tmp, path)  # atomic: a half-written cache is never picked up
             with open(f"{tmp}.json", "w") as f:
                 json.dump({"key": key, "bad": list(ds.bad)}, f)
@@ -773,9 +729,8 @@ def line_chart(series, path=None, title="", xlabel="", ylabel="", ylim=None, log
     font = ImageFont.load_default(size=11)
     pts = {name: [(x, math.log10(y) if logy else y) for x, y in zip(xs, ys) if y > 0 or not logy]
            for name, (xs, ys) in series.items()}
-    xs, ys = [x for p in pts.values() for x, _ in p], [y for p in pts.values() for _, y in p]
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = ylim or (min(ys), max(ys))
+    xs, ys = zip(*(xy for p in pts.values() for xy in p))
+    (x0, x1), (y0, y1) = (min(xs), max(xs)), ylim or (min(ys), max(ys))
     x1, y1 = max(x1, x0 + 1e-9), max(y1, y0 + 1e-9)  # a single point or a flat line still has a range
     W, H = size
     left, right, top, bottom = 50, 130, 22, 36  # room for the y ticks, the legend, the title, the x ticks

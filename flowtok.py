@@ -655,10 +655,12 @@ class SampleConfig:
     def __post_init__(self):
         check_ranges(self, positive=("steps", "i2t_steps", "candidates", "draws"), shares=("check_gain",))
 
-# Named presets, each a few overrides of the defaults by flag name. 'cpu' is the defaults, sized for a
-# 2-core CPU (its minutes are in the README). train.py picks 'gpu' on CUDA, 'cpu' elsewhere.
+# Named presets, each a few overrides of the defaults by flag name. 'cpu' is the defaults, sized for a 2-core
+# CPU where bf16 is fast; 'cpu-fp32' halves the flow steps for CPUs that emulate bf16 (their minutes are in the
+# README). The preset 'auto' picks 'gpu' on CUDA, else 'cpu' or 'cpu-fp32' by cpu_bf16_is_faster.
 PRESETS = {
     "cpu": {},
+    "cpu-fp32": {"tokenizer_steps": 4000, "flow_steps": 1300},
     "gpu": {"tokenizer_steps": 6000, "tokenizer_batch": 128, "tokenizer_lr": 1e-3, "flow_steps": 8000,
             "flow_batch": 256, "tokenizer.width": 256, "tokenizer.enc_depth": 4, "tokenizer.dec_depth": 6,
             "flow.width": 384, "flow.depth": 8, "flow.n_head": 6, "eval_interval": 2000},
@@ -689,7 +691,7 @@ def parse_settings(parser, sections, argv=None):
     cli = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     preset = cli.get("preset", "auto")
     if preset == "auto":
-        preset = "gpu" if torch.cuda.is_available() else "cpu"
+        preset = "gpu" if torch.cuda.is_available() else "cpu" if cpu_bf16_is_faster() else "cpu-fp32"
     if preset not in PRESETS:
         parser.error(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)} or auto")
     settings = {**PRESETS[preset], **cli, "preset": preset}

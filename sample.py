@@ -11,6 +11,7 @@ Sample from a trained nano FlowTok; the sampling settings default to the checkpo
 
 import os
 import sys
+import json
 import argparse
 import dataclasses
 import warnings
@@ -29,7 +30,8 @@ def row(*cells):
 
 def sweep(tokenizer, model, bpe, s, ckpt_dir, n, split):
     """Judge accuracy vs the sampling settings, a table each: text -> image vs Euler steps x guidance and vs
-    draws, image -> text vs Euler steps and vs the check's margin and gain; two charts in ckpt_dir."""
+    draws, image -> text vs Euler steps and vs the check's margin and gain, and accuracy vs training minutes
+    (train.py's evals.jsonl, if beside the checkpoint); charts of them in ckpt_dir."""
     dev, all_steps, guidances = tokenizer.scale_factor.device, (1, 2, 4, 8, 20), (1.0, 2.0, 3.0)
     seen = ("seen overall", "held-out overall", "seen single", "seen relation", "seen count")
     cells = lambda a, held: (a["overall"], held["overall"], a["single"], a["relation"], a["count"])  # seen's columns
@@ -68,10 +70,26 @@ def sweep(tokenizer, model, bpe, s, ckpt_dir, n, split):
                                      for soft in (False, True) for pairs in ("seen", "heldout")))
     by_steps = {f"t2i, guidance {g:g}": (all_steps, [t2i[st, g] for st in all_steps]) for g in guidances}
     by_guidance = {f"t2i, {st} steps": (guidances, [t2i[st, g] for g in guidances]) for st in all_steps}
-    for name, series, xlabel, title in (
-            ("sweep_steps.png", {**by_steps, "i2t": (all_steps, i2t)}, "Euler steps", "accuracy vs Euler steps"),
-            ("sweep_guidance.png", by_guidance, "guidance scale", "text -> image accuracy vs guidance")):
-        data.line_chart(series, os.path.join(ckpt_dir, name), f"{title} ({split}, seen)", xlabel, "accuracy", (0, 1))
+    charts = [("sweep_steps.png", {**by_steps, "i2t": (all_steps, i2t)}, "Euler steps",
+               f"accuracy vs Euler steps ({split}, seen)"),
+              ("sweep_guidance.png", by_guidance, "guidance scale",
+               f"text -> image accuracy vs guidance ({split}, seen)")]
+    path = os.path.join(ckpt_dir, "evals.jsonl")  # train.py's periodic evaluations (validation prompts)
+    if os.path.exists(path):
+        table("\naccuracy vs training minutes (periodic evaluations logged by train.py, validation prompts)",
+              "flow step", "flow minutes", "total minutes", "seen overall", "seen single", "held-out overall")
+        evals = [json.loads(line) for line in open(path)]
+        for r in evals:
+            row(r["step"], f"{r['minutes']:.1f}", f"{r['total_minutes']:.1f}", r["t2i_seen"]["overall"],
+                r["t2i_seen"]["single"], r["t2i_heldout"]["overall"])
+        curves = {"t2i seen": ("t2i_seen", "overall"), "t2i seen single": ("t2i_seen", "single"),
+                  "t2i held-out": ("t2i_heldout", "overall")}
+        minutes = [r["total_minutes"] for r in evals]
+        charts.append(("accuracy_vs_minutes.png", {name: (minutes, [r[key][part] for r in evals]) for name, (key, part)
+                                                   in curves.items()}, "training minutes",
+                       "text -> image accuracy vs training (val, seen and held-out)"))
+    for name, series, xlabel, title in charts:
+        data.line_chart(series, os.path.join(ckpt_dir, name), title, xlabel, "accuracy", (0, 1))
         print(f"chart: {os.path.join(ckpt_dir, name)}")
 
 def load_images(paths, size, dev):

@@ -655,6 +655,19 @@ def test_cpu_bf16_picks_the_written_out_attention():
         assert run.sdpa == kernel and run.wrap(model) is model
         assert all(m.manual == (kernel == "manual") for m in model.modules() if isinstance(m, ft.Attention))
 
+def test_auto_preset_follows_the_bf16_probe_on_a_cpu(monkeypatch):
+    """No CUDA: 'cpu' (the defaults) where bf16 is measured fast, else 'cpu-fp32' with fewer steps; a named
+    preset or a flag still wins."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for fast, preset in ((True, "cpu"), (False, "cpu-fp32")):
+        monkeypatch.setattr(ft, "cpu_bf16_is_faster", lambda: fast)
+        tc = train.parse_args([])[0]
+        short = ft.PRESETS["cpu-fp32"]["flow_steps"]
+        assert tc.preset == preset and tc.flow_steps == (train.TrainConfig.flow_steps if fast else short)
+        assert train.parse_args(["--flow_steps=7"])[0].flow_steps == 7
+    assert train.parse_args(["--preset=cpu"])[0].flow_steps == train.TrainConfig.flow_steps > short
+
+
 def test_ddp_two_cpu_ranks_then_single_process_resume(tmp_path):
     r = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--preset=tiny",
             "--device=cpu", "--final_prompts=1", f"--out_dir={tmp_path}")
@@ -1264,7 +1277,8 @@ def test_sample_cli_trajectories_interpolation_edit_and_sweep_charts(trained, tm
     assert "caption edits of 2 test renders" in r.stdout
     assert [l.split(" | ")[0] for l in r.stdout.splitlines() if l.split(" | ")[0] in ("| color", "| shape", "| size")] == \
         ["| color"] * 2 + ["| shape"] * 2 + ["| size"] * 2  # the inverted source, then a fresh one
-    for name in ("sweep_steps.png", "sweep_guidance.png"):
+    assert "accuracy vs training minutes" in r.stdout
+    for name in ("sweep_steps.png", "sweep_guidance.png", "accuracy_vs_minutes.png"):
         assert png_size(out / name) == (480, 300)
 
 

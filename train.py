@@ -3,7 +3,7 @@ Train nano FlowTok: first the 1-D image tokenizer, then the text encoder/decoder
 transformer (both directions) on the frozen tokenizer's latents. The shapes world by default,
 your own captioned images with --data.
 
-    python train.py                      # preset chosen by device (printed): cpu or gpu
+    python train.py                      # preset chosen by device (printed): gpu, cpu or cpu-fp32
     python train.py --stage=flow --resume
     python train.py -h                   # every setting, with help
 
@@ -30,7 +30,7 @@ import data
 
 @dataclasses.dataclass
 class TrainConfig:
-    preset: str = "auto"          # auto: 'gpu' on CUDA, 'cpu' otherwise; or one of flowtok.PRESETS
+    preset: str = "auto"          # auto: 'gpu' on CUDA, 'cpu' where bf16 is fast, else 'cpu-fp32'; or a PRESETS name
     stage: str = "all"            # all | tokenizer | flow
     out_dir: str = "out"          # checkpoint, sample grids, evaluations
     device: str = "auto"          # auto: cuda -> mps -> cpu
@@ -45,11 +45,11 @@ class TrainConfig:
     text_tokenizer: str = "bpe"   # bpe (trained on the captions, offline) | gpt2 (needs tiktoken's cache)
     bpe_vocab: int = 512          # BPE vocabulary size at most (merges stop when no pair repeats)
     # tokenizer stage
-    tokenizer_steps: int = 4000   # image tokenizer optimizer steps
+    tokenizer_steps: int = 5000   # image tokenizer optimizer steps
     tokenizer_batch: int = 32     # image tokenizer pictures per step (per rank, per micro-step)
     tokenizer_lr: float = 2e-3    # image tokenizer peak learning rate
     # flow stage
-    flow_steps: int = 1300        # flow optimizer steps
+    flow_steps: int = 2600        # flow optimizer steps
     flow_batch: int = 128         # flow (caption, picture) pairs per step (per rank, per micro-step)
     flow_lr: float = 1e-3         # flow peak learning rate
     ema_decay: float = 0.999      # EMA of the flow model (what gets sampled); warmed up as (1+step)/(10+step)

@@ -656,7 +656,7 @@ class SampleConfig:
         check_ranges(self, positive=("steps", "i2t_steps", "candidates", "draws"), shares=("check_gain",))
 
 # Named presets, each a few overrides of the defaults by flag name. 'cpu' is the defaults, sized for a 2-core
-# CPU where bf16 is fast; 'cpu-fp32' halves the flow steps for CPUs that emulate bf16 (their minutes are in the
+# CPU where bf16 is fast; 'cpu-fp32' is a shorter schedule for CPUs that emulate bf16 (their minutes are in the
 # README). The preset 'auto' picks 'gpu' on CUDA, else 'cpu' or 'cpu-fp32' by cpu_bf16_is_faster.
 PRESETS = {
     "cpu": {},

@@ -611,6 +611,16 @@ def test_checkpoint_from_another_config_is_a_one_line_error(trained, tmp_path):
     r = run("sample.py", "--prompt", "a red circle", "--ckpt", str(tmp_path / "past.pt"))
     assert r.returncode != 0 and "missing TokenizerConfig settings: text_aware" in r.stderr
     assert "Traceback" not in r.stderr
+    state = torch.load(out / "ckpt.pt", weights_only=True)  # the same settings, weights named as another version's
+    for key in ("ema", "flow"):
+        state[key] = {k.replace("text_encoder.inp.", "text_encoder.embed."): v for k, v in state[key].items()}
+    os.makedirs(tmp_path / "old")
+    torch.save(state, tmp_path / "old" / "ckpt.pt")
+    # train.py as a real script: its __main__ turns the CheckpointError into the one-line message
+    resume = [sys.executable, "train.py", "--preset=tiny", "--resume", f"--out_dir={tmp_path / 'old'}"]
+    for r in (run("sample.py", "--prompt", "a red circle", "--ckpt", str(tmp_path / "old" / "ckpt.pt")),
+              subprocess.run(resume, cwd=HERE, capture_output=True, text=True, timeout=300)):
+        assert r.returncode != 0 and "its weights do not fit this model" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_train_cli_help_and_bad_flags(capsys):

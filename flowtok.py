@@ -156,7 +156,8 @@ class TimestepEmbedder(nn.Module):
 
 def init_weights(model):
     """All special init: Linear xavier-uniform, zero bias (DiT); Embedding and learned tokens N(0, 0.02) (GPT-2);
-    adaLN-Zero: adaLN modulations and the final output at zero (velocity 0, each block the identity)."""
+    adaLN-Zero: adaLN modulations and the final output at zero (velocity 0, each block the identity); the
+    tokenizer's seam convolution at zero (it starts as a correction of nothing)."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -171,6 +172,9 @@ def init_weights(model):
             for layer in (m.ada[-1], m.out) if isinstance(m, FinalLayer) else (m.ada[-1],):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
+        if isinstance(m, nn.Conv2d):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
 
 def param_count(module):
     return sum(p.numel() for p in module.parameters())
@@ -196,6 +200,7 @@ class TokenizerConfig:
     num_tokens: int = 16        # K, the latent sequence length (shared with the text side)
     token_dim: int = 16         # C, channels per latent token (FlowTok's 16; 8 blurs small diamonds' corners)
     width: int = 128            # ViT width, encoder and decoder
+    pixel_channels: int = 16    # decoder: features per pixel a 3x3 convolution reads across patch borders
     enc_depth: int = 3          # encoder blocks
     dec_depth: int = 4          # decoder blocks
     n_head: int = 4             # attention heads
@@ -205,8 +210,8 @@ class TokenizerConfig:
     text_drop: float = 0.1      # share of training captions hidden from the decoder ("no caption")
 
     def __post_init__(self):
-        check_ranges(self, positive=("image_size", "patch_size", "num_tokens", "token_dim", "width", "enc_depth",
-                                     "dec_depth", "n_head"), shares=("text_drop",))
+        check_ranges(self, positive=("image_size", "patch_size", "num_tokens", "token_dim", "width", "pixel_channels",
+                                     "enc_depth", "dec_depth", "n_head"), shares=("text_drop",))
         check_multiple(self, "image_size", self.patch_size, "patch_size")
         check_multiple(self, "width", self.n_head, "n_head")
         check_multiple(self, "width", 4, "4")  # sincos_2d: a sin and a cos for the row and for the column
@@ -237,7 +242,12 @@ class ImageTokenizer(nn.Module):
             assert vocab_size > 0, "a text-aware tokenizer needs vocab_size (the text tokenizer's)"
             self.text_in, self.text_pos = nn.Embedding(vocab_size + 1, W), nn.Parameter(torch.zeros(K, W))
         self.decoder = nn.Sequential(*[Block(W, cfg.n_head) for _ in range(cfg.dec_depth)])
+        # A patch token paints only its own p x p pixels, so neighbours disagree along patch borders (a visible
+        # grid). Each token also paints features per pixel, and a 3x3 convolution over the whole canvas turns
+        # them into a correction that reads both sides of every seam.
         self.dec_ln, self.to_pixels = nn.LayerNorm(W), nn.Linear(W, 3 * p * p)
+        self.to_features = nn.Linear(W, cfg.pixel_channels * p * p)
+        self.seam_conv = nn.Conv2d(cfg.pixel_channels, 3, 3, padding=1)
         # Multiplies latents before the flow so they have ~unit std (set by fit_scale after training).
         self.register_buffer("scale_factor", torch.ones(()))
         init_weights(self)
@@ -256,8 +266,14 @@ class ImageTokenizer(nn.Module):
         return rearrange(img, "b c (h p) (w q) -> b (h w) (p q c)", p=self.cfg.patch_size, q=self.cfg.patch_size)
 
     def unpatchify(self, x):
-        g = self.cfg.image_size // self.cfg.patch_size
-        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=g, w=g, p=self.cfg.patch_size, c=3)
+        """(B, N, p * p * c) -> (B, c, S, S) for any c, a view in channels-last memory: the one copy is into the
+        layout a CPU convolution runs fastest on."""
+        g, p = self.cfg.image_size // self.cfg.patch_size, self.cfg.patch_size
+        return rearrange(x, "b (h w) (p q c) -> b (h p) (w q) c", h=g, w=g, p=p, q=p).permute(0, 3, 1, 2)
+
+    def paint(self, x):
+        """Decoder outputs at the patch positions (B, N, W) -> image (B, 3, S, S) in about [-1, 1]."""
+        return self.unpatchify(self.to_pixels(x)) + self.seam_conv(self.unpatchify(self.to_features(x)))
 
     def encode(self, img):
         """img (B, 3, S, S) in [0, 1] -> posterior mean, logvar, each (B, K, C)."""
@@ -281,7 +297,7 @@ class ImageTokenizer(nn.Module):
             x.append(self.text_in(ids) + self.text_pos)
         x = torch.cat(x, dim=1)  # (B, N + K [+ K caption tokens], W)
         x = self.dec_ln(self.decoder(x)[:, :N])  # (B, N, W): the patch positions carry the pixels
-        img = (self.unpatchify(self.to_pixels(x)) + 1) / 2
+        img = (self.paint(x) + 1) / 2  # (B, 3, S, S)
         if guidance and ids is not None and self.cfg.text_aware:
             img = img + guidance * (img - self.decode(z))
         return img

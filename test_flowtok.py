@@ -124,6 +124,23 @@ def test_patchify_roundtrip_and_tokenizer_shapes():
     assert tokenizer.latents(img).shape == (3, 6, 4)
 
 
+def test_seam_convolution_starts_at_zero_and_reads_across_patch_borders():
+    """At init the decoder paints each patch from its own token alone (the seam correction is zero); the 3x3
+    convolution lets a pixel on a patch border depend on the neighbouring patch's token, and only there."""
+    torch.manual_seed(0)
+    tokenizer = ft.ImageTokenizer(TINY_TOKENIZER, 20)  # 32 px, 8 px patches: a 4 x 4 grid
+    assert not tokenizer.seam_conv.weight.any() and not tokenizer.seam_conv.bias.any()
+    torch.nn.init.normal_(tokenizer.seam_conv.weight)
+    def tokens_read(row, col):  # the patch tokens pixel (row, col) depends on
+        x = torch.randn(1, 16, TINY_TOKENIZER.width, requires_grad=True)
+        tokenizer.paint(x)[0, :, row, col].sum().backward()
+        return set(x.grad[0].abs().sum(1).nonzero().flatten().tolist())
+    assert tokens_read(3, 3) == {0}  # inside patch 0
+    assert tokens_read(7, 3) == {0, 4}  # on the border with the patch below
+    assert tokens_read(8, 8) == {0, 1, 4, 5}  # at the corner of four patches
+    assert tokenizer.paint(torch.randn(2, 16, TINY_TOKENIZER.width)).shape == (2, 3, 32, 32)
+
+
 def test_tokenizer_overfits_a_batch_and_scale_factor():
     torch.manual_seed(0)
     tokenizer = ft.ImageTokenizer(TINY_TOKENIZER, 20)
@@ -337,17 +354,17 @@ def test_text_to_image_keeps_the_draw_read_back_likeliest():
     prompts = ["a small red circle", "two blue squares", "a red circle below a blue square"]
     s, n = ft.SampleConfig(steps=2, reencode=1, draws=4), 4
     every = [p for p in prompts for _ in range(n)]  # each caption n times in a row: every draw, unchosen
-    cands = ft.text_to_image(tokenizer, model, bpe, every, dataclasses.replace(s, draws=1), seed=3, batch=n)
+    cands = ft.text_to_image(tokenizer, model, bpe, every, dataclasses.replace(s, draws=1), seed=1, batch=n)
     cands = cands.view(len(prompts), n, *cands.shape[1:])  # (3, n, 3, S, S)
     logits = model.caption_logits(tokenizer.latents(cands.flatten(0, 1), sample=False), s.i2t_steps)
     for read_as in (None, prompts[::-1]):  # as prompted; as other captions (a different pick)
         said = bpe.encode([r for r in (read_as or prompts) for _ in range(n)])  # (3 n, K)
         score = ft.caption_logprob(logits, said[:, None]).view(len(prompts), n)  # (3, n)
         assert (score.argmax(1) != score.argmin(1)).all()  # the choice matters
-        kept = ft.text_to_image(tokenizer, model, bpe, prompts, s, seed=3, batch=n, read_as=read_as)
+        kept = ft.text_to_image(tokenizer, model, bpe, prompts, s, seed=1, batch=n, read_as=read_as)
         assert kept.shape == (3, 3, 16, 16)
         assert torch.allclose(kept, cands[torch.arange(3), score.argmax(1)], atol=1e-5), read_as
-    picks = [ft.text_to_image(tokenizer, model, bpe, prompts, s, seed=3, read_as=r) for r in (None, prompts[::-1])]
+    picks = [ft.text_to_image(tokenizer, model, bpe, prompts, s, seed=1, read_as=r) for r in (None, prompts[::-1])]
     assert not torch.allclose(*picks)
     mean = [ft.text_to_image(tokenizer, model, bpe, prompts, dataclasses.replace(s, draws=d, from_mean=True))
             for d in (1, 4)]  # no noise, nothing to choose among: one draw
@@ -1364,7 +1381,8 @@ def test_every_preset_builds_at_its_real_size_and_counts_its_flops(monkeypatch, 
 
 def test_gpu_preset_trains_one_step_of_each_stage_on_cpu():
     """The gpu preset at its real widths and depths, a batch of 2: every weight gets a finite gradient and moves
-    (the flow's adaLN-Zero layers given values first: at zero they pass no gradient to their blocks). Two
+    (the zero-initialised layers, the flow's adaLN-Zero and the tokenizer's seam convolution, given values first:
+    at zero they pass no gradient to the layers before them). Two
     different captions: pairs of one caption are no contrastive negatives, which leaves that head no gradient."""
     world = ShapesWorld(64, seed=0)
     bpe = ft.TextTokenizer.train([caption(s) for s in world.sample_specs(300)], 16)
@@ -1373,6 +1391,7 @@ def test_gpu_preset_trains_one_step_of_each_stage_on_cpu():
     specs = eval_specs("seen", 1)[:2]  # a single object, a relation
     img, ids = world.render(specs), bpe.encode([caption(s) for s in specs])
     z = tokenizer.latents(img)
+    perturbed(tokenizer.seam_conv)
     for module, inputs in ((tokenizer, (img, ids)), (perturbed(model), (ids, z, ids))):
         before = [p.detach().clone() for p in module.parameters()]
         opt = ft.make_optimizer(module, 1e-3, 0.0, torch.device("cpu"))
@@ -1390,6 +1409,7 @@ def amp_models():
     ids = bpe.encode(caps)
     torch.manual_seed(0)
     tokenizer = ft.ImageTokenizer(dataclasses.replace(TINY_TOKENIZER, num_tokens=12), bpe.vocab_size)
+    perturbed(tokenizer.seam_conv)  # at zero it passes no gradient back: a weight that would not move
     model = perturbed(ft.FlowTok(ft.FlowConfig(width=32, depth=2, n_head=4, text_width=32, text_depth=1), bpe.vocab_size, 12, 4))
     return ((tokenizer, (img, ids)), (model, (ids, tokenizer.latents(img), ids)))
 

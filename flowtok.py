@@ -706,8 +706,10 @@ def parse_settings(parser, sections, argv=None):
         add_fields(parser, cls, prefix, title)
     cli = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     preset = cli.get("preset", "auto")
-    if preset == "auto":
-        preset = "gpu" if torch.cuda.is_available() else "cpu" if cpu_bf16_is_faster() else "cpu-fp32"
+    if preset == "auto":  # on a CPU the schedule follows the precision: --bf16 if given, else the probe
+        bf16 = cli.get("bf16", None)
+        preset = "gpu" if torch.cuda.is_available() else "cpu" if (cpu_bf16_is_faster() if bf16 is None else bf16) \
+            else "cpu-fp32"
     if preset not in PRESETS:
         parser.error(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)} or auto")
     settings = {**PRESETS[preset], **cli, "preset": preset}

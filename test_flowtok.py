@@ -683,8 +683,8 @@ def test_cpu_bf16_picks_the_written_out_attention():
         assert all(m.manual == (kernel == "manual") for m in model.modules() if isinstance(m, ft.Attention))
 
 def test_auto_preset_follows_the_bf16_probe_on_a_cpu(monkeypatch):
-    """No CUDA: 'cpu' (the defaults) where bf16 is measured fast, else 'cpu-fp32' with fewer steps; a named
-    preset or a flag still wins."""
+    """No CUDA: 'cpu' (the defaults) where bf16 is measured fast, else 'cpu-fp32' with fewer steps; --bf16 given
+    decides instead of the probe; a named preset or a flag still wins."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for fast, preset in ((True, "cpu"), (False, "cpu-fp32")):
         monkeypatch.setattr(ft, "cpu_bf16_is_faster", lambda: fast)
@@ -692,6 +692,9 @@ def test_auto_preset_follows_the_bf16_probe_on_a_cpu(monkeypatch):
         short = ft.PRESETS["cpu-fp32"]["flow_steps"]
         assert tc.preset == preset and tc.flow_steps == (train.TrainConfig.flow_steps if fast else short)
         assert train.parse_args(["--flow_steps=7"])[0].flow_steps == 7
+        for forced in (True, False):  # the probe's answer no longer matters
+            tc = train.parse_args([f"--bf16={forced}"])[0]
+            assert tc.preset == ("cpu" if forced else "cpu-fp32") and tc.bf16 is forced
     assert train.parse_args(["--preset=cpu"])[0].flow_steps == train.TrainConfig.flow_steps > short
 
 

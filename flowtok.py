@@ -245,8 +245,7 @@ class ImageTokenizer(nn.Module):
         # A patch token paints only its own p x p pixels, so neighbours disagree along patch borders (a visible
         # grid). Each token also paints features per pixel, and a 3x3 convolution over the whole canvas turns
         # them into a correction that reads both sides of every seam.
-        self.dec_ln, self.to_pixels = nn.LayerNorm(W), nn.Linear(W, 3 * p * p)
-        self.to_features = nn.Linear(W, cfg.pixel_channels * p * p)
+        self.dec_ln, self.to_pixels = nn.LayerNorm(W), nn.Linear(W, (3 + cfg.pixel_channels) * p * p)
         self.seam_conv = nn.Conv2d(cfg.pixel_channels, 3, 3, padding=1)
         # Multiplies latents before the flow so they have ~unit std (set by fit_scale after training).
         self.register_buffer("scale_factor", torch.ones(()))
@@ -266,14 +265,15 @@ class ImageTokenizer(nn.Module):
         return rearrange(img, "b c (h p) (w q) -> b (h w) (p q c)", p=self.cfg.patch_size, q=self.cfg.patch_size)
 
     def unpatchify(self, x):
-        """(B, N, p * p * c) -> (B, c, S, S) for any c, a view in channels-last memory: the one copy is into the
-        layout a CPU convolution runs fastest on."""
+        """(B, N, p * p * c) -> (B, c, S, S), for any number of channels c: the inverse of patchify."""
         g, p = self.cfg.image_size // self.cfg.patch_size, self.cfg.patch_size
-        return rearrange(x, "b (h w) (p q c) -> b (h p) (w q) c", h=g, w=g, p=p, q=p).permute(0, 3, 1, 2)
+        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=g, w=g, p=p, q=p)
 
     def paint(self, x):
-        """Decoder outputs at the patch positions (B, N, W) -> image (B, 3, S, S) in about [-1, 1]."""
-        return self.unpatchify(self.to_pixels(x)) + self.seam_conv(self.unpatchify(self.to_features(x)))
+        """Decoder outputs at the patch positions (B, N, W) -> image (B, 3, S, S) in about [-1, 1]: each patch's
+        own pixels plus the seam convolution of the per-pixel features."""
+        x = self.unpatchify(self.to_pixels(x))  # (B, 3 + pixel_channels, S, S)
+        return x[:, :3] + self.seam_conv(x[:, 3:])
 
     def encode(self, img):
         """img (B, 3, S, S) in [0, 1] -> posterior mean, logvar, each (B, K, C)."""

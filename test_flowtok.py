@@ -652,6 +652,7 @@ def test_train_cli_help_and_bad_flags(capsys):
                        ("--flow_batch=0", "--flow_batch must be >= 1"),
                        ("--flow_lr=0", "--flow_lr must be > 0"),
                        ("--tokenizer.image_size=0", "--tokenizer.image_size must be >= 1"),
+                       ("--tokenizer.pixel_channels=0", "--tokenizer.pixel_channels must be >= 1"),
                        ("--tokenizer.image_size=60", "--tokenizer.image_size must be a multiple of patch_size (8)"),
                        ("--flow.width=250", "--flow.width must be a multiple of n_head (4)"),
                        ("--stage=both", "--stage must be one of all, tokenizer, flow"),
